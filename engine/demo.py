@@ -1,0 +1,111 @@
+"""The built-in DPO demo's report: did alignment move the model towards the rule-checkable preference?
+
+Two numbers on the held-out split, each for the reference (the SFT model DPO started from) and the policy:
+- preference accuracy: share of pairs where the model gives the chosen completion a higher log-prob than the
+  rejected one (the reference's own accuracy is the baseline; TRL's rewards/accuracies is 0 for it by definition);
+- rule-judged generations: greedy completions of held-out prompts scored by `data.demo_rule`; the win rate of the
+  policy's completion against the reference's on the same prompt (ties count half; 0.5 = no change).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def preference_accuracy(method, model, examples, batch_size: int = 16) -> float:
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        batch = method.collate(examples[start : start + batch_size])
+        batch = {k: v.to(method.accelerator.device) for k, v in batch.items()}
+        sums = method._sequence_logps(model, batch)[0]
+        chosen, rejected = sums.chunk(2)
+        correct += int((chosen > rejected).sum())
+    return correct / max(len(examples), 1)
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts_ids: list[list[int]], max_new_tokens: int = 32,
+                       batch_size: int = 16) -> list[str]:
+    """Greedy decoding, batched with left padding; returns the decoded completions without special tokens."""
+    completions = []
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts_ids), batch_size):
+        chunk = prompts_ids[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+        )
+        for row in output[:, width:]:
+            completions.append(tokenizer.decode(row, skip_special_tokens=True))
+    return completions
+
+
+def demo_report(method, policy, output_dir: Path) -> dict[str, Any]:
+    from data import demo_rule
+    from lora import disable_adapters
+
+    examples = method.eval_examples[: method.config.demo_eval_samples]
+    policy.eval()
+    use_cache = policy.config.use_cache
+    policy.config.use_cache = True
+    reference = method.ref_model
+    adapters_off = nullcontext()
+    if reference is None and method.config.use_peft:
+        reference, adapters_off = policy, disable_adapters(policy)
+    elif reference is None:  # reference log-probs were precomputed and the copy freed: reload the start
+        from engine.model import load_model
+
+        reference = load_model(_starting_model_path(method)).to(method.accelerator.device).eval()
+
+    prompts = [e["prompt_ids"] for e in examples]
+    prompt_texts = [method.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+    after_accuracy = preference_accuracy(method, policy, examples)
+    policy_completions = greedy_completions(policy, method.tokenizer, prompts)
+    with adapters_off:
+        before_accuracy = preference_accuracy(method, reference, examples)
+        reference_completions = greedy_completions(reference, method.tokenizer, prompts)
+    policy.config.use_cache = use_cache
+
+    policy_scores = [demo_rule.score(p, c) for p, c in zip(prompt_texts, policy_completions)]
+    reference_scores = [demo_rule.score(p, c) for p, c in zip(prompt_texts, reference_completions)]
+    report = {
+        "heldout_pairs": len(examples),
+        "preference_accuracy_reference": before_accuracy,
+        "preference_accuracy_policy": after_accuracy,
+        "rule_score_reference": sum(reference_scores) / len(examples),
+        "rule_score_policy": sum(policy_scores) / len(examples),
+        "win_rate_policy_vs_reference": demo_rule.win_rate(policy_completions, reference_completions, prompt_texts),
+    }
+    if method.accelerator.is_main_process:
+        (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        samples = [{"prompt": p, "reference": r, "policy": c}
+                   for p, r, c in list(zip(prompt_texts, reference_completions, policy_completions))[:8]]
+        (output_dir / "demo_samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+        print(
+            "[nanopost] DPO demo on {n} held-out pairs: preference accuracy {a:.3f} -> {b:.3f}; rule score of greedy "
+            "answers {c:.3f} -> {d:.3f}; win rate policy vs reference {w:.3f}".format(
+                n=len(examples), a=before_accuracy, b=after_accuracy, c=report["rule_score_reference"],
+                d=report["rule_score_policy"], w=report["win_rate_policy_vs_reference"]),
+            flush=True,
+        )
+    return report
+
+
+def _starting_model_path(method) -> str:
+    from engine.setup import default_cache_dir
+
+    config = method.config
+    return config.ref_model_name_or_path or config.model_name_or_path or str(default_cache_dir() / "default-sft")

@@ -1,0 +1,284 @@
+"""Direct Preference Optimization: reference handling, log-probs, the loss call and TRL's metrics.
+
+One micro-batch holds B pairs as 2B rows, [all chosen; all rejected], scored in one forward pass. Each row's
+log-prob is the SUM of its completion tokens' log-probs (prompt and padding masked). The loss itself is a pure
+function in losses/ picked by name (`--loss_type`), combined as Σ_k w_k · mean_batch(L_k) like TRL 1.16.
+
+The reference is, in order of precedence: precomputed log-probs (`--precompute_ref_log_probs`, cached on disk),
+an explicit `--ref_model_name_or_path`, the policy with its LoRA adapters switched off (`--use_peft`), or a frozen
+in-memory copy of the starting model (never re-read from disk).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.config import TrainConfig
+from engine.errors import UserError
+from engine.forward import scatter_to_rows, token_stats
+
+
+class DPOMethod:
+    name = "dpo"
+    normalise_by_window_tokens = False  # each micro-batch loss is divided by the number of micro-batches
+
+    def __init__(self, config: TrainConfig, tokenizer, accelerator) -> None:
+        from losses import LossOptions, check_loss_names
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.accelerator = accelerator
+        self.loss_types = list(config.loss_type)
+        check_loss_names(self.loss_types)
+        self.loss_weights = list(config.loss_weights) if config.loss_weights else [1.0] * len(self.loss_types)
+        self.options = LossOptions(
+            beta=config.beta,
+            label_smoothing=config.label_smoothing,
+            f_divergence_type=config.f_divergence_type,
+            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+            discopop_tau=config.discopop_tau,
+            simpo_gamma=config.simpo_gamma,
+            orpo_alpha=config.orpo_alpha,
+        )
+        self.reference_free = _all_reference_free(self.loss_types)
+        self.ref_model = None
+        self.ref_logps: dict[int, tuple[float, float]] | None = None
+        self.eval_examples = None
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, dataset, *, split_name: str, shuffle_seed: int | None = None):
+        from data.dpo import prepare_dpo_dataset
+
+        examples, report = prepare_dpo_dataset(
+            dataset, self.tokenizer, max_length=self.config.max_length, truncation_mode=self.config.truncation_mode
+        )
+        for index, example in enumerate(examples):
+            example["index"] = index  # key of the precomputed reference log-probs
+        if split_name == self.config.dataset_test_split:
+            self.eval_examples = examples
+        return examples, report
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from data.collate_dpo import collate_dpo
+
+        # TRL truncates in the collator (each prompt+completion to max_length), not at preparation.
+        batch = collate_dpo(examples, pad_token_id=self.tokenizer.pad_token_id, max_length=self.config.max_length,
+                            truncation_mode=self.config.truncation_mode)
+        batch["index"] = torch.tensor([e["index"] for e in examples])
+        return batch
+
+    # ------------------------------------------------------------------ reference
+    def setup(self, model, train_examples, accelerator):
+        """Build the reference before training (a copy of the starting weights), or precompute its log-probs."""
+        if self.reference_free:
+            return model
+        config = self.config
+        if config.ref_model_name_or_path is not None:
+            from engine.model import load_model
+            from engine.setup import disable_dropout
+
+            self.ref_model = load_model(config.ref_model_name_or_path, revision=config.model_revision,
+                                        trust_remote_code=config.trust_remote_code,
+                                        attn_implementation=config.attn_implementation,
+                                        what="--ref_model_name_or_path")
+            disable_dropout(self.ref_model)
+        elif not config.use_peft:
+            self.ref_model = copy.deepcopy(model)  # the starting weights, frozen, in memory
+        if self.ref_model is not None:
+            self.ref_model.requires_grad_(False).eval().to(accelerator.device)
+            if hasattr(self.ref_model, "gradient_checkpointing_disable"):
+                self.ref_model.gradient_checkpointing_disable()
+        if config.precompute_ref_log_probs:
+            self.ref_logps = self._precomputed_ref_logps(model, train_examples, accelerator)
+            self.ref_model = None  # not needed any more: free its memory
+        return model
+
+    def _reference_forward(self, model, batch: dict[str, Tensor]):
+        """Reference log-prob sums (2B,) under no grad."""
+        from lora import disable_adapters
+
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self._sequence_logps(self.ref_model, batch)[0]
+            with disable_adapters(self.accelerator.unwrap_model(model)):
+                return self._sequence_logps(model, batch)[0]
+
+    def _precomputed_ref_logps(self, model, examples, accelerator) -> dict[int, tuple[float, float]]:
+        """Reference log-probs of every training pair, computed once and cached on disk next to the output.
+
+        The cache file is named after the run's model/data/max_length and carries fingerprints of the reference
+        weights and of the tokenized data; a file whose fingerprints do not match is refused (stale), not used.
+        """
+        config = self.config
+        key = hashlib.sha256(json.dumps([config.model_name_or_path, config.ref_model_name_or_path,
+                                         config.dataset_name, config.dataset_train_split, config.max_length,
+                                         config.ld_alpha, config.use_peft]).encode()).hexdigest()[:16]
+        path = Path(config.output_dir) / f"ref_logps-{key}.pt"
+        reference = self.ref_model if self.ref_model is not None else accelerator.unwrap_model(model)
+        fingerprint = {"model": _weights_fingerprint(reference, adapters_off=self.ref_model is None),
+                       "data": _data_fingerprint(examples), "ld_alpha": config.ld_alpha}
+        if path.is_file():
+            saved = torch.load(path, weights_only=False)
+            if saved["fingerprint"] != fingerprint:
+                changed = [k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k]]
+                raise UserError(
+                    f"precomputed reference log-probs in {path} are stale (the {' and '.join(changed)} changed "
+                    f"since they were computed); delete that file to recompute them"
+                )
+            if accelerator.is_main_process:
+                print(f"[nanopost] reusing precomputed reference log-probs from {path}", flush=True)
+            return saved["logps"]
+        logps: dict[int, tuple[float, float]] = {}
+        batch_size = config.per_device_eval_batch_size
+        for start in range(0, len(examples), batch_size):  # unshuffled, every process computes the same
+            batch = self.collate(examples[start : start + batch_size])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                sums = self._reference_forward(model, batch)
+            chosen, rejected = sums.float().chunk(2)
+            for index, c, r in zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist()):
+                logps[index] = (c, r)
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
+            tmp.replace(path)
+            print(f"[nanopost] precomputed reference log-probs for {len(logps)} pairs -> {path}", flush=True)
+        return logps
+
+    # ------------------------------------------------------------------ loss
+    def _sequence_logps(self, model, batch: dict[str, Tensor]):
+        """Per-row summed completion log-probs (2B,), plus the per-token statistics for metrics."""
+        completion_mask = batch["completion_mask"]
+        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+        stats = token_stats(model, batch["input_ids"], labels, attention_mask=batch["attention_mask"],
+                            want_log_sum_sq=self.config.use_weighting)
+        per_token = scatter_to_rows(stats.logps, stats.mask)  # (2B, T-1)
+        if self.config.ld_alpha is None:
+            sums = per_token.sum(-1)
+        else:
+            from losses import ld_alpha_logps
+
+            sums = ld_alpha_logps(per_token, stats.mask, self.config.ld_alpha)
+        return sums, per_token, stats
+
+    def loss(self, model, batch: dict[str, Tensor], num_items_in_batch=None,
+             train: bool = True) -> tuple[Tensor, dict[str, float]]:
+        from losses import PreferenceBatch, preference_loss, wpo_weights
+
+        sums, per_token, stats = self._sequence_logps(model, batch)
+        chosen_logps, rejected_logps = sums.chunk(2)  # (B,), (B,)
+        if self.reference_free:
+            ref_chosen = ref_rejected = None
+        elif self.ref_logps is not None and train:
+            pairs = torch.tensor([self.ref_logps[i] for i in batch["index"].tolist()], device=sums.device)
+            ref_chosen, ref_rejected = pairs[:, 0].to(sums.dtype), pairs[:, 1].to(sums.dtype)
+        else:
+            ref_chosen, ref_rejected = self._reference_forward(model, batch).chunk(2)
+        lengths = stats.mask.sum(-1)  # (2B,) completion tokens per row
+        chosen_tokens, rejected_tokens = per_token.chunk(2)
+        chosen_mask, rejected_mask = stats.mask.chunk(2)
+        pair = PreferenceBatch(
+            chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+            chosen_lengths=lengths.chunk(2)[0], rejected_lengths=lengths.chunk(2)[1],
+            chosen_token_logps=chosen_tokens, chosen_mask=chosen_mask,
+        )
+        weights = None
+        if self.config.use_weighting:
+            log_sum_sq = scatter_to_rows(stats.log_sum_sq, stats.mask)
+            weights = wpo_weights(per_token.detach(), log_sum_sq, stats.mask)
+        loss, _ = preference_loss(self.loss_types, self.loss_weights, pair, self.options, pair_weights=weights)
+        return loss, self._metrics(batch, stats, pair, train)
+
+    def _metrics(self, batch, stats, pair, train: bool) -> dict[str, float]:
+        """TRL 1.16's DPO metrics for one micro-batch, computed over the pairs of every process."""
+        gather = self.accelerator.gather
+        beta = self.config.beta
+        mask = stats.mask
+        chosen_mask, rejected_mask = mask.chunk(2)
+        entropy = scatter_to_rows(stats.entropy, mask)
+        logit_mean = scatter_to_rows(stats.logit_mean, mask)
+        top1 = scatter_to_rows(stats.is_top1.float(), mask)
+        chosen_logit_mean, rejected_logit_mean = logit_mean.chunk(2)
+        sums = torch.stack([
+            entropy.sum(), mask.sum(),
+            chosen_logit_mean.sum(), chosen_mask.sum(), rejected_logit_mean.sum(), rejected_mask.sum(),
+            top1.chunk(2)[0].sum(),
+        ]).float()
+        sums = gather(sums.unsqueeze(0)).sum(0)
+
+        def ratio(num, den):
+            return float(num / den) if den > 0 else 0.0
+
+        metrics = {
+            "entropy": ratio(sums[0], sums[1]),
+            "logits/chosen": ratio(sums[2], sums[3]),
+            "logits/rejected": ratio(sums[4], sums[5]),
+            "mean_token_accuracy": ratio(sums[6], sums[3]),
+            "logps/chosen": float(gather(pair.chosen_logps.detach()).mean()),
+            "logps/rejected": float(gather(pair.rejected_logps.detach()).mean()),
+        }
+        if pair.ref_chosen_logps is not None:
+            chosen_rewards = beta * (pair.chosen_logps - pair.ref_chosen_logps).detach()
+            rejected_rewards = beta * (pair.rejected_logps - pair.ref_rejected_logps).detach()
+            chosen_rewards, rejected_rewards = gather(chosen_rewards), gather(rejected_rewards)
+            metrics.update({
+                "rewards/chosen": float(chosen_rewards.mean()),
+                "rewards/rejected": float(rejected_rewards.mean()),
+                "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+                "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+            })
+        if train:
+            metrics["num_tokens"] = float(gather(batch["attention_mask"].sum().unsqueeze(0)).sum())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_batch(self, model, batch: dict[str, Tensor]) -> dict[str, float]:
+        loss, metrics = self.loss(model, batch, train=False)
+        return {"loss": float(loss), **metrics}
+
+    # ------------------------------------------------------------------ demo report
+    def finish(self, model, output_dir: Path) -> dict[str, Any] | None:
+        """For the built-in demo: held-out preference accuracy and rule-judged win rate, before vs after."""
+        if self.config.dataset_name is not None or not self.config.demo_eval_samples or not self.eval_examples:
+            return None
+        from engine.demo import demo_report
+
+        return demo_report(self, model, output_dir)
+
+
+def _all_reference_free(loss_types: list[str]) -> bool:
+    from losses import LOSSES
+
+    return all(LOSSES[name].reference_free for name in loss_types)
+
+
+def _weights_fingerprint(model: torch.nn.Module, adapters_off: bool = False) -> str:
+    """A cheap fingerprint of the weights: shapes plus a strided sample of every tensor."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if adapters_off and "lora_" in name:
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(flat.numel() // 4096, 1)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _data_fingerprint(examples: list[dict[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            digest.update(json.dumps(example[key]).encode())
+    return digest.hexdigest()
+

@@ -1,0 +1,96 @@
+"""Load models and tokenizers (Hub ids or local folders), or build the tiny built-in SmolLM3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.errors import UserError
+
+# The built-in default: SmolLM3's architecture (GQA, NoPE every 4th layer, tied embeddings) at a size that
+# trains in minutes on two CPU cores.
+TINY_SMOLLM3 = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+
+
+def build_tiny_smollm3(tokenizer: PreTrainedTokenizerBase, seed: int = 42, **overrides) -> PreTrainedModel:
+    """A randomly initialised SmolLM3 sized for CPU, with token ids taken from `tokenizer`."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    config = SmolLM3Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**TINY_SMOLLM3, **overrides},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmolLM3ForCausalLM(config)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
+
+
+def check_model_source(name: str, what: str = "--model_name_or_path") -> None:
+    """Fail early and clearly on a path that is neither a model folder nor a plausible Hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{what} {name}: folder has no config.json (is it a model saved with save_pretrained?)")
+    elif path.exists():
+        raise UserError(f"{what} {name}: is a file; give the model's folder or a Hub id")
+    elif _looks_local(name):
+        raise UserError(f"{what} {name}: no such folder (and not a Hub id of the form owner/name)")
+
+
+def load_tokenizer(name: str, *, revision: str = "main", trust_remote_code: bool = False,
+                   chat_template_path: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; give it a pad token (eos, as TRL does) if it has none."""
+    check_model_source(name, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise UserError(f"tokenizer {name}: could not be loaded ({_first_line(error)})") from error
+    if chat_template_path is not None:
+        template = Path(chat_template_path)
+        if not template.is_file():
+            raise UserError(f"--chat_template_path {chat_template_path}: no such file")
+        tokenizer.chat_template = template.read_text()
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer {name}: has neither a pad nor an eos token; set one in tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, *, revision: str = "main", trust_remote_code: bool = False,
+               attn_implementation: str | None = None, dtype: torch.dtype = torch.float32,
+               what: str = "--model_name_or_path") -> PreTrainedModel:
+    """Load a causal LM in `dtype` (fp32 master weights by default; bf16 autocast happens in the loop)."""
+    check_model_source(name, what)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        message = _first_line(error)
+        if "safetensors" in message.lower() or "header" in message.lower() or "deserializ" in message.lower():
+            raise UserError(f"{what} {name}: the weights file is corrupt or truncated ({message})") from error
+        raise UserError(f"{what} {name}: could not be loaded ({message})") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]

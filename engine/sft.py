@@ -1,0 +1,88 @@
+"""Supervised fine-tuning: data preparation hook-up and the per-micro-batch loss and metrics.
+
+The loss of one optimizer step is Σ token NLL over the whole accumulation window / N, with N the number of target
+tokens in the window on all processes (TRL 1.16, torchtune) — not a mean of per-micro-batch means, which would
+over-weight short micro-batches. `SFTMethod.loss` receives that N from the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.config import TrainConfig
+from engine.forward import token_stats
+from losses.sft import nll_loss
+
+
+class SFTMethod:
+    name = "sft"
+    normalise_by_window_tokens = True  # the loop divides by targets in the window, not by micro-batches
+
+    def __init__(self, config: TrainConfig, tokenizer, accelerator) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.accelerator = accelerator
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, dataset, *, split_name: str, shuffle_seed: int | None = None):
+        from data.formats import normalize_sft_columns
+        from data.sft import prepare_sft_dataset
+
+        dataset = normalize_sft_columns(dataset, self.config.dataset_column_map)
+        examples, report = prepare_sft_dataset(
+            dataset,
+            self.tokenizer,
+            max_length=self.config.max_length,
+            completion_only_loss=self.config.completion_only_loss,
+            assistant_only_loss=self.config.assistant_only_loss,
+            dataset_text_field=self.config.dataset_text_field,
+            packing=self.config.packing,
+            packing_strategy=self.config.packing_strategy,
+            truncation_mode=self.config.truncation_mode,
+            shuffle_seed=shuffle_seed,
+        )
+        return examples, report
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
+        from data.collate import collate_sft
+
+        return collate_sft(examples, pad_token_id=self.tokenizer.pad_token_id, padding_free=self.config.packing)
+
+    @staticmethod
+    def count_targets(batch: dict[str, Tensor]) -> int:
+        """Tokens that carry loss (the label of position t is predicted at t - 1)."""
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, model, batch: dict[str, Tensor], num_items_in_batch: Tensor | int | None,
+             train: bool = True) -> tuple[Tensor, dict[str, float]]:
+        """Loss of one micro-batch (already divided by the window's target count) and its metrics."""
+        stats = token_stats(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+        )
+        loss = nll_loss(stats.logps, num_items_in_batch)
+        # Metrics over the targets of every process (TRL gathers the sums, then divides).
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(
+            batch["input_ids"].numel())  # padding-free: every position is a real token
+        sums = torch.stack([stats.entropy.sum(), stats.is_top1.sum(), stats.logps.new_tensor(stats.logps.numel()),
+                            tokens.to(stats.logps.dtype)]).detach().float()
+        entropy_sum, correct, targets, tokens = self.accelerator.gather(sums.unsqueeze(0)).sum(0).tolist()
+        metrics = {
+            "entropy": entropy_sum / targets if targets else 0.0,
+            "mean_token_accuracy": correct / targets if targets else 0.0,
+        }
+        if train:
+            metrics["num_tokens"] = tokens
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate_batch(self, model, batch: dict[str, Tensor]) -> dict[str, float]:
+        loss, metrics = self.loss(model, batch, None, train=False)
+        return {"loss": float(loss), **metrics}

@@ -1,0 +1,71 @@
+"""Metrics: accumulate per micro-batch, average per logging window, append to metrics.jsonl, forward to trackers.
+
+TRL logs the mean of the per-micro-batch values collected since the last log; `MetricWindow` does the same.
+Values are written at full precision (no rounding), one JSON object per logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+
+class MetricWindow:
+    """Collects per-micro-batch metrics between two logs and averages them."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._values[key].append(float(value))
+
+    def mean_and_reset(self) -> dict[str, float]:
+        means = {key: math.fsum(values) / len(values) for key, values in self._values.items() if values}
+        self._values.clear()
+        return means
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {key: list(values) for key, values in self._values.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self._values = defaultdict(list, {key: list(values) for key, values in state.items()})
+
+
+class MetricsWriter:
+    """Appends one JSON line per log to `<output_dir>/metrics.jsonl`; only the main process writes."""
+
+    def __init__(self, output_dir: str | os.PathLike, accelerator, resume_step: int = 0) -> None:
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.accelerator = accelerator
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run."""
+        if not self.path.exists():
+            return
+        if step == 0:
+            self.path.unlink()
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.accelerator.trackers:
+            self.accelerator.log(scalars, step=record["step"])
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

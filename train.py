@@ -1,0 +1,38 @@
+"""Post-training from the command line: SFT and DPO in plain PyTorch, with TRL's flag names.
+
+    python train.py --method sft                          # built-in tiny SmolLM3 on the bundled chat data
+    python train.py --method dpo                          # built-in DPO demo (preference accuracy, win rate)
+    python train.py --method sft --model_name_or_path HuggingFaceTB/SmolLM3-3B-Base \\
+        --dataset_name HuggingFaceTB/smoltalk2_everyday_convs_think
+    python train.py --method dpo --model_name_or_path <sft model> --dataset_name Anthropic/hh-rlhf
+    python train.py --config run.yaml --learning_rate 1e-5   # flags override the YAML file
+    accelerate launch --num_processes 2 train.py --method sft # data parallel
+
+Bad input ends with a one-line error (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import UserError
+
+    try:
+        from engine.config import parse_config
+        from engine.loop import train
+
+        config = parse_config(argv)
+        train(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
