@@ -62,10 +62,10 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
             f"{model.get_input_embeddings().weight.shape[0]} rows: use the model's own tokenizer"
         )
     model.config.use_cache = False
-    if config.method == "dpo" and config.disable_dropout:
-        disable_dropout(model)
     if config.use_peft:
         model = _inject_lora(model, config, accelerator)
+    if config.method == "dpo" and config.disable_dropout:
+        disable_dropout(model)  # after LoRA injection, so the adapter's dropout is off too (as TRL)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
