@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -80,26 +81,30 @@ def micro_batches_of_epoch(order: list[int], batch_size: int, num_processes: int
 # ---------------------------------------------------------------------- optimizer
 
 
-_NO_DECAY = ("bias", "norm", "layernorm", "rmsnorm")
+# transformers' convention (what TRL uses): no weight decay on biases and normalisation weights.
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and normalisation weights get no weight decay (transformers' convention)."""
+    """AdamW over the trainable parameters; fused where torch supports it (TRL's default `adamw_torch_fused`)."""
+    no_decay_modules = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        lowered = name.lower()
-        (no_decay if any(key in lowered for key in _NO_DECAY) else decay).append(param)
+        skip = _NO_DECAY.search(name.lower()) or id(param) in no_decay_modules
+        (no_decay if skip else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    device = next(model.parameters()).device
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
+        fused=device.type in ("cpu", "cuda"),
     )
 
 
@@ -264,6 +269,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
             _check_finite(grad_norm, global_step + 1, "gradient norm", last_checkpoint)
             if step_hook is not None:
                 step_hook(global_step + 1, accelerator.unwrap_model(model))
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -281,7 +287,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                     "epoch": epoch,
                     "loss": loss_since_log / steps_since_log,
                     "grad_norm": float(grad_norm),
-                    "learning_rate": scheduler.get_last_lr()[0],
+                    "learning_rate": learning_rate,
                     **window.mean_and_reset(),  # per-micro-batch values, already global
                     "num_tokens": tokens_seen,
                 }
