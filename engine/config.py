@@ -116,17 +116,17 @@ class TrainConfig:
     )
 
     # --- DPO
-    beta: float = _doc("DPO temperature: strength of the KL anchor to the reference.", default=0.1)
+    beta: float = _doc("DPO temperature: strength of the KL anchor to the reference (ORPO: its lambda).",
+                       default=0.1)
     loss_weights: list[float] | None = _doc("Weights of the losses in --loss_type (default: all 1).", default=None)
     label_smoothing: float = _doc("Label noise for robust / exo_pair / aot / cdpo.", default=0.0)
     precompute_ref_log_probs: bool = _doc("Compute reference log-probs once, cache them on disk.", default=False)
     ld_alpha: float | None = _doc("LD-DPO: weight of the log-probs past the shared length.", default=None)
     use_weighting: bool = _doc("WPO: weight pairs by their probability under the policy.", default=False)
     f_divergence_type: str = _doc("reverse_kl, forward_kl, js_divergence or alpha_divergence.", default="reverse_kl")
-    f_alpha_divergence_coef: float = _doc("Alpha of the alpha-divergence.", default=1.0)
+    f_alpha_divergence_coef: float = _doc("Alpha of the alpha-divergence.", default=0.5)
     discopop_tau: float = _doc("Temperature of the DiscoPOP loss.", default=0.05)
     simpo_gamma: float = _doc("SimPO target reward margin gamma.", default=0.5)
-    orpo_alpha: float = _doc("ORPO weight lambda of the odds-ratio term.", default=0.1)
     disable_dropout: bool = _doc("DPO: turn dropout off in policy and reference (as TRL).", default=True)
 
     # --- LoRA

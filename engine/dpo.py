@@ -30,14 +30,13 @@ class DPOMethod:
     normalise_by_window_tokens = False  # each micro-batch loss is divided by the number of micro-batches
 
     def __init__(self, config: TrainConfig, tokenizer, accelerator) -> None:
-        from losses import LossOptions, check_loss_names
+        from losses import LossOptions, needs_reference, validate_loss_config
 
         self.config = config
         self.tokenizer = tokenizer
         self.accelerator = accelerator
         self.loss_types = list(config.loss_type)
-        check_loss_names(self.loss_types)
-        self.loss_weights = list(config.loss_weights) if config.loss_weights else [1.0] * len(self.loss_types)
+        self.loss_weights = list(config.loss_weights) if config.loss_weights else None
         self.options = LossOptions(
             beta=config.beta,
             label_smoothing=config.label_smoothing,
@@ -45,9 +44,10 @@ class DPOMethod:
             f_alpha_divergence_coef=config.f_alpha_divergence_coef,
             discopop_tau=config.discopop_tau,
             simpo_gamma=config.simpo_gamma,
-            orpo_alpha=config.orpo_alpha,
         )
-        self.reference_free = _all_reference_free(self.loss_types)
+        validate_loss_config(self.loss_types, self.loss_weights, self.options, use_weighting=config.use_weighting,
+                             ld_alpha=config.ld_alpha)
+        self.reference_free = not needs_reference(self.loss_types)
         self.ref_model = None
         self.ref_logps: dict[int, tuple[float, float]] | None = None
         self.eval_examples = None
@@ -155,19 +155,14 @@ class DPOMethod:
 
     # ------------------------------------------------------------------ loss
     def _sequence_logps(self, model, batch: dict[str, Tensor]):
-        """Per-row summed completion log-probs (2B,), plus the per-token statistics for metrics."""
-        completion_mask = batch["completion_mask"]
-        labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+        """Per-row summed completion log-probs (2B,) (LD-DPO-weighted with --ld_alpha), and the token stats."""
+        from losses import sequence_logps
+
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # (2B, T)
         stats = token_stats(model, batch["input_ids"], labels, attention_mask=batch["attention_mask"],
                             want_log_sum_sq=self.config.use_weighting)
-        per_token = scatter_to_rows(stats.logps, stats.mask)  # (2B, T-1)
-        if self.config.ld_alpha is None:
-            sums = per_token.sum(-1)
-        else:
-            from losses import ld_alpha_logps
-
-            sums = ld_alpha_logps(per_token, stats.mask, self.config.ld_alpha)
-        return sums, per_token, stats
+        per_token = scatter_to_rows(stats.logps, stats.mask)  # (2B, T-1), zero off the completion
+        return sequence_logps(per_token, stats.mask, self.config.ld_alpha), per_token, stats
 
     def loss(self, model, batch: dict[str, Tensor], num_items_in_batch=None,
              train: bool = True) -> tuple[Tensor, dict[str, float]]:
@@ -182,62 +177,54 @@ class DPOMethod:
             ref_chosen, ref_rejected = pairs[:, 0].to(sums.dtype), pairs[:, 1].to(sums.dtype)
         else:
             ref_chosen, ref_rejected = self._reference_forward(model, batch).chunk(2)
-        lengths = stats.mask.sum(-1)  # (2B,) completion tokens per row
-        chosen_tokens, rejected_tokens = per_token.chunk(2)
-        chosen_mask, rejected_mask = stats.mask.chunk(2)
+        chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)  # TRL: the unshifted mask
         pair = PreferenceBatch(
             chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
             ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-            chosen_lengths=lengths.chunk(2)[0], rejected_lengths=lengths.chunk(2)[1],
-            chosen_token_logps=chosen_tokens, chosen_mask=chosen_mask,
+            chosen_token_logps=per_token.chunk(2)[0], chosen_token_mask=stats.mask.chunk(2)[0],
         )
         weights = None
         if self.config.use_weighting:
-            log_sum_sq = scatter_to_rows(stats.log_sum_sq, stats.mask)
-            weights = wpo_weights(per_token.detach(), log_sum_sq, stats.mask)
-        loss, _ = preference_loss(self.loss_types, self.loss_weights, pair, self.options, pair_weights=weights)
-        return loss, self._metrics(batch, stats, pair, train)
+            weights = wpo_weights(per_token.detach(), scatter_to_rows(stats.log_sum_sq, stats.mask), stats.mask)
+        loss, loss_metrics = preference_loss(self.loss_types, self.loss_weights, pair, self.options,
+                                             pair_weights=weights)
+        return loss, self._metrics(batch, stats, loss_metrics, train)
 
-    def _metrics(self, batch, stats, pair, train: bool) -> dict[str, float]:
-        """TRL 1.16's DPO metrics for one micro-batch, computed over the pairs of every process."""
-        gather = self.accelerator.gather
-        beta = self.config.beta
-        mask = stats.mask
+    def _metrics(self, batch, stats, loss_metrics: dict[str, Tensor], train: bool) -> dict[str, float]:
+        """TRL 1.16's DPO metrics for one micro-batch, over the pairs of every process.
+
+        Token-level metrics are global sums divided by global counts; pair-level ones (rewards/*, logps/*) are
+        the means computed by `preference_loss`, averaged over processes (equal per-process batch sizes).
+        """
+        mask = stats.mask  # (2B, T-1)
         chosen_mask, rejected_mask = mask.chunk(2)
-        entropy = scatter_to_rows(stats.entropy, mask)
-        logit_mean = scatter_to_rows(stats.logit_mean, mask)
-        top1 = scatter_to_rows(stats.is_top1.float(), mask)
-        chosen_logit_mean, rejected_logit_mean = logit_mean.chunk(2)
+        chosen_logits, rejected_logits = scatter_to_rows(stats.logit_mean, mask).chunk(2)
+        chosen_top1 = scatter_to_rows(stats.is_top1.float(), mask).chunk(2)[0]
         sums = torch.stack([
-            entropy.sum(), mask.sum(),
-            chosen_logit_mean.sum(), chosen_mask.sum(), rejected_logit_mean.sum(), rejected_mask.sum(),
-            top1.chunk(2)[0].sum(),
-        ]).float()
-        sums = gather(sums.unsqueeze(0)).sum(0)
+            stats.entropy.sum(), mask.sum(), chosen_logits.sum(), chosen_mask.sum(), rejected_logits.sum(),
+            rejected_mask.sum(), chosen_top1.sum(), batch["attention_mask"].sum(),
+        ]).detach().float()
+        entropy, tokens, chosen_logit_sum, chosen_tokens, rejected_logit_sum, rejected_tokens, correct, seen = (
+            self.accelerator.gather(sums.unsqueeze(0)).sum(0).tolist())
 
-        def ratio(num, den):
-            return float(num / den) if den > 0 else 0.0
+        def ratio(numerator: float, denominator: float) -> float:
+            return numerator / denominator if denominator > 0 else 0.0
 
+        pair_means = {k: v.detach().float() for k, v in loss_metrics.items() if k.split("/")[0] in ("rewards", "logps")}
+        if pair_means:
+            names = sorted(pair_means)
+            gathered = self.accelerator.gather(torch.stack([pair_means[k] for k in names]).unsqueeze(0)).mean(0)
+            pair_means = dict(zip(names, gathered.tolist()))
         metrics = {
-            "entropy": ratio(sums[0], sums[1]),
-            "logits/chosen": ratio(sums[2], sums[3]),
-            "logits/rejected": ratio(sums[4], sums[5]),
-            "mean_token_accuracy": ratio(sums[6], sums[3]),
-            "logps/chosen": float(gather(pair.chosen_logps.detach()).mean()),
-            "logps/rejected": float(gather(pair.rejected_logps.detach()).mean()),
+            "entropy": ratio(entropy, tokens),
+            "logits/chosen": ratio(chosen_logit_sum, chosen_tokens),
+            "logits/rejected": ratio(rejected_logit_sum, rejected_tokens),
+            "mean_token_accuracy": ratio(correct, chosen_tokens),
+            **pair_means,
         }
-        if pair.ref_chosen_logps is not None:
-            chosen_rewards = beta * (pair.chosen_logps - pair.ref_chosen_logps).detach()
-            rejected_rewards = beta * (pair.rejected_logps - pair.ref_rejected_logps).detach()
-            chosen_rewards, rejected_rewards = gather(chosen_rewards), gather(rejected_rewards)
-            metrics.update({
-                "rewards/chosen": float(chosen_rewards.mean()),
-                "rewards/rejected": float(rejected_rewards.mean()),
-                "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
-                "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-            })
         if train:
-            metrics["num_tokens"] = float(gather(batch["attention_mask"].sum().unsqueeze(0)).sum())
+            metrics["num_tokens"] = seen
         return metrics
 
     @torch.no_grad()
@@ -253,12 +240,6 @@ class DPOMethod:
         from engine.demo import demo_report
 
         return demo_report(self, model, output_dir)
-
-
-def _all_reference_free(loss_types: list[str]) -> bool:
-    from losses import LOSSES
-
-    return all(LOSSES[name].reference_free for name in loss_types)
 
 
 def _weights_fingerprint(model: torch.nn.Module, adapters_off: bool = False) -> str:

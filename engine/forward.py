@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from losses.logps import token_stats as chunk_token_stats
+
 ROWS_PER_CHUNK = 1024  # target positions projected at once: (1024, V) fp32 logits ≈ 0.5 GB at V = 128k
 
 
@@ -31,20 +33,17 @@ class TokenStats:
 
 
 def _head_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, scale: float,
-                softcap: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() * scale  # (n, V)
+                softcap: float | None, want_log_sum_sq: bool) -> tuple[Tensor, ...]:
+    """Project one chunk of target positions through the LM head and score it (losses.logps does the math)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (n, V) in the compute dtype
+    if scale != 1.0:
+        logits = logits * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    log_z = torch.logsumexp(logits, dim=-1)  # (n,)
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n,)
-    logps = target_logits - log_z
-    with torch.no_grad():
-        log_probs = logits - log_z.unsqueeze(-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        is_top1 = logits.argmax(-1) == targets
-        logit_mean = logits.mean(-1)
-        log_sum_sq = torch.logsumexp(2 * log_probs, dim=-1)
-    return logps, entropy, is_top1, logit_mean, log_sum_sq
+    stats = chunk_token_stats(logits.unsqueeze(0), targets.unsqueeze(0), entropy=True, mean_logits=True,
+                              is_top1=True, log_sum_sq_probs=want_log_sum_sq)
+    log_sum_sq = stats.log_sum_sq_probs if want_log_sum_sq else torch.zeros_like(stats.logps)
+    return stats.logps[0], stats.entropy[0], stats.is_top1[0], stats.mean_logits[0], log_sum_sq[0]
 
 
 def _logit_transform(model) -> tuple[float, float | None]:
@@ -76,7 +75,7 @@ def token_stats(model, input_ids: Tensor, labels: Tensor, attention_mask: Tensor
     outputs = []
     for start in range(0, targets.numel(), ROWS_PER_CHUNK):
         chunk = slice(start, start + ROWS_PER_CHUNK)
-        args = (hidden[chunk], head.weight, head.bias, targets[chunk], scale, softcap)
+        args = (hidden[chunk], head.weight, head.bias, targets[chunk], scale, softcap, want_log_sum_sq)
         if torch.is_grad_enabled():
             outputs.append(checkpoint(_head_stats, *args, use_reentrant=False))
         else:

@@ -42,12 +42,12 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1
 
 
-def check_model_source(name: str, what: str = "--model_name_or_path") -> None:
+def check_model_source(name: str, what: str = "--model_name_or_path", marker: str = "config.json") -> None:
     """Fail early and clearly on a path that is neither a model folder nor a plausible Hub id."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{what} {name}: folder has no config.json (is it a model saved with save_pretrained?)")
+        if not (path / marker).is_file():
+            raise UserError(f"{what} {name}: folder has no {marker} (was it saved with save_pretrained?)")
     elif path.exists():
         raise UserError(f"{what} {name}: is a file; give the model's folder or a Hub id")
     elif _looks_local(name):
@@ -57,7 +57,7 @@ def check_model_source(name: str, what: str = "--model_name_or_path") -> None:
 def load_tokenizer(name: str, *, revision: str = "main", trust_remote_code: bool = False,
                    chat_template_path: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer; give it a pad token (eos, as TRL does) if it has none."""
-    check_model_source(name, "tokenizer")
+    check_model_source(name, "tokenizer", marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as error:

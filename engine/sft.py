@@ -25,6 +25,7 @@ class SFTMethod:
         self.config = config
         self.tokenizer = tokenizer
         self.accelerator = accelerator
+        self.padding_free = False
 
     # ------------------------------------------------------------------ data
     def prepare(self, dataset, *, split_name: str, shuffle_seed: int | None = None):
@@ -44,12 +45,13 @@ class SFTMethod:
             truncation_mode=self.config.truncation_mode,
             shuffle_seed=shuffle_seed,
         )
+        self.padding_free = report.padding_free  # bfd packing: one row per batch, documents kept apart
         return examples, report
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        from data.collate import collate_sft
+        from data.collate import collate_sft, resolve_pad_token_id
 
-        return collate_sft(examples, pad_token_id=self.tokenizer.pad_token_id, padding_free=self.config.packing)
+        return collate_sft(examples, pad_token_id=resolve_pad_token_id(self.tokenizer), padding_free=self.padding_free)
 
     @staticmethod
     def count_targets(batch: dict[str, Tensor]) -> int:
