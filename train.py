@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from engine.config import parse_config
+
+        config = parse_config(argv)  # flag and YAML errors surface here, before torch is imported
+
         from engine.loop import train
 
-        config = parse_config(argv)
         train(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -30,6 +30,12 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "sft": {"learning_rate": 2e-5, "loss_type": ["nll"]},
     "dpo": {"learning_rate": 1e-6, "loss_type": ["sigmoid"]},
 }
+# The built-in demo (no --model_name_or_path) starts from a randomly initialised tiny model (sft) or from a tiny
+# SFT model (dpo): TRL's learning rates are for fine-tuning large pretrained models and would barely move them.
+BUILTIN_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"learning_rate": 1e-3},
+    "dpo": {"learning_rate": 1e-5},
+}
 
 
 def _doc(help_text: str, **kwargs: Any) -> Any:
@@ -82,7 +88,9 @@ class TrainConfig:
 
     # --- optimisation
     output_dir: str | None = _doc("Where the model, checkpoints and metrics go (default: output/<method>).", default=None)
-    learning_rate: float | None = _doc("Peak AdamW learning rate (sft 2e-5, dpo 1e-6).", default=None)
+    learning_rate: float | None = _doc(
+        "Peak AdamW learning rate (TRL's: sft 2e-5, dpo 1e-6; built-in tiny models: sft 1e-3, dpo 1e-5).",
+        default=None)
     lr_scheduler_type: str = _doc("linear, cosine, constant or constant_with_warmup.", default="linear")
     warmup_steps: int = _doc("Linear warmup steps (takes precedence over warmup_ratio).", default=0)
     warmup_ratio: float = _doc("Warmup as a fraction of the total steps.", default=0.0)
@@ -121,6 +129,8 @@ class TrainConfig:
     loss_weights: list[float] | None = _doc("Weights of the losses in --loss_type (default: all 1).", default=None)
     label_smoothing: float = _doc("Label noise for robust / exo_pair / aot / cdpo.", default=0.0)
     precompute_ref_log_probs: bool = _doc("Compute reference log-probs once, cache them on disk.", default=False)
+    precompute_ref_batch_size: int | None = _doc(
+        "Batch size of that pass (default: per_device_train_batch_size).", default=None)
     ld_alpha: float | None = _doc("LD-DPO: weight of the log-probs past the shared length.", default=None)
     use_weighting: bool = _doc("WPO: weight pairs by their probability under the policy.", default=False)
     f_divergence_type: str = _doc("reverse_kl, forward_kl, js_divergence or alpha_divergence.", default="reverse_kl")
@@ -150,6 +160,10 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A copy with the method's defaults filled in (what the run actually uses, and what is saved)."""
         values = dataclasses.asdict(self)
+        if self.model_name_or_path is None:
+            for key, default in BUILTIN_MODEL_DEFAULTS[self.method].items():
+                if values[key] is None:
+                    values[key] = default
         for key, default in METHOD_DEFAULTS[self.method].items():
             if values[key] is None:
                 values[key] = default

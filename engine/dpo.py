@@ -47,7 +47,9 @@ class DPOMethod:
         )
         validate_loss_config(self.loss_types, self.loss_weights, self.options, use_weighting=config.use_weighting,
                              ld_alpha=config.ld_alpha)
-        self.reference_free = not needs_reference(self.loss_types)
+        # `sft` alone needs no reference for its loss, but TRL 1.16 still runs one and logs rewards/* as
+        # β·(logp − ref logp); only a truly reference-free preference loss (simpo, orpo) skips it.
+        self.reference_free = not needs_reference(self.loss_types) and set(self.loss_types) != {"sft"}
         self.ref_model = None
         self.ref_logps: dict[int, tuple[float, float]] | None = None
         self.eval_examples = None
@@ -136,7 +138,7 @@ class DPOMethod:
                 print(f"[nanopost] reusing precomputed reference log-probs from {path}", flush=True)
             return saved["logps"]
         logps: dict[int, tuple[float, float]] = {}
-        batch_size = config.per_device_eval_batch_size
+        batch_size = config.precompute_ref_batch_size or config.per_device_train_batch_size  # TRL's choice
         for start in range(0, len(examples), batch_size):  # unshuffled, every process computes the same
             batch = self.collate(examples[start : start + batch_size])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}

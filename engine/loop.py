@@ -162,8 +162,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
 
     started = time.time()
     output_dir = Path(config.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir}: is a file; give a folder")
+    _check_output_dir(output_dir)
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     resume_from = ckpt.resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
@@ -172,6 +171,9 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
 
     model, tokenizer = load_model_and_tokenizer(config, accelerator)
     method = make_method(config, tokenizer, accelerator)
+    # Seed again after the model (and LoRA init) took its draws, as transformers' Trainer does: dropout masks then
+    # follow the same random stream as TRL's, so runs with dropout match TRL too.
+    set_seed(config.seed)
 
     # -------------------------------------------------------------- data
     train_raw, eval_raw = load_datasets(config)
@@ -223,6 +225,8 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
         epoch = position // micro_per_epoch
         offset = position % micro_per_epoch
         while True:
+            if offset == 0:  # a new epoch: a torch DataLoader draws its worker base seed here; keep TRL's stream
+                torch.empty((), dtype=torch.int64).random_()
             order = epoch_order(len(train_examples), config.seed, epoch)
             for indices in micro_batches_of_epoch(order, config.per_device_train_batch_size, world, rank)[offset:]:
                 yield epoch, method.collate([train_examples[i] for i in indices])
@@ -332,6 +336,20 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
               flush=True)
     accelerator.end_training()
     return TrainResult(output_dir, global_step, logs, final_metrics)
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """Fail before any long work if the output folder cannot be written."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file; give a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error}); "
+                        "choose a writable folder") from error
 
 
 def _clip(accelerator: Accelerator, model, max_grad_norm: float) -> torch.Tensor:

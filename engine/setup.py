@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -47,7 +48,26 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
     name = config.model_name_or_path
     if name is None and config.method == "dpo":
         name = str(ensure_default_sft_model(accelerator))
+    adapter_dir = lora_adapter_dir(name)
+    if adapter_dir is not None:  # a LoRA adapter folder (ours or PEFT's): its base model, then the adapter
+        if not config.use_peft:
+            raise UserError(
+                f"--model_name_or_path {name}: is a LoRA adapter (it has {LORA_CONFIG_FILE}); add --use_peft to "
+                "continue training it, or pass a full model (e.g. the <output_dir>/merged of a --merge_adapter run)"
+            )
+        if config.method == "dpo":
+            # TRL's reference for a pre-trained adapter is a frozen copy of that adapter; disabling adapters (our
+            # LoRA reference) would give the base model instead, a different objective. Refuse, not train wrongly.
+            raise UserError(
+                f"--model_name_or_path {name}: continuing a LoRA adapter with --method dpo is not supported (the "
+                "reference would be the base model, not your adapter); merge it into a full model (--merge_adapter, "
+                "or PEFT's merge_and_unload) and pass that folder with --use_peft to train a new adapter on top"
+            )
+        name = adapter_base_model(adapter_dir)
     tokenizer_name = config.tokenizer_name_or_path or name or str(DEFAULT_TOKENIZER_DIR)
+    if config.tokenizer_name_or_path is None and adapter_dir is not None and (
+            adapter_dir / "tokenizer_config.json").is_file():
+        tokenizer_name = str(adapter_dir)  # a tokenizer saved with the adapter (as our runs and TRL's do)
     tokenizer = load_tokenizer(tokenizer_name, revision=config.model_revision,
                                trust_remote_code=config.trust_remote_code,
                                chat_template_path=config.chat_template_path)
@@ -63,7 +83,7 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
         )
     model.config.use_cache = False
     if config.use_peft:
-        model = _inject_lora(model, config, accelerator)
+        model = _inject_lora(model, config, accelerator, adapter_dir)
     if config.method == "dpo" and config.disable_dropout:
         disable_dropout(model)  # after LoRA injection, so the adapter's dropout is off too (as TRL)
     if config.gradient_checkpointing:
@@ -80,20 +100,52 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def _inject_lora(model, config: TrainConfig, accelerator: Accelerator):
-    from lora import LoRAConfig, inject_lora, trainable_parameter_summary
+def _inject_lora(model, config: TrainConfig, accelerator: Accelerator, adapter_dir: Path | None = None):
+    """New adapters from the --lora_* flags, or (`adapter_dir`) an existing adapter, trainable, as saved."""
+    from lora import LoRAConfig, inject_lora, load_adapter, read_adapter_config, trainable_parameter_summary
 
-    lora_config = LoRAConfig(
-        r=config.lora_r,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules or "all-linear",
-        use_rslora=config.use_rslora,
-    )
-    model = inject_lora(model, lora_config)
+    if adapter_dir is not None:
+        # The adapter's own r / alpha / dropout / targets (what PeftModel.from_pretrained uses), not the flags.
+        saved = read_adapter_config(adapter_dir)
+        model = load_adapter(model, adapter_dir)
+        if accelerator.is_main_process:
+            print(f"[nanopost] continuing the LoRA adapter in {adapter_dir} (r={saved.r}, alpha={saved.alpha}, "
+                  f"dropout={saved.dropout}, target_modules={saved.target_modules}; --lora_* flags not used)",
+                  flush=True)
+    else:
+        lora_config = LoRAConfig(
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules or "all-linear",
+            use_rslora=config.use_rslora,
+        )
+        model = inject_lora(model, lora_config)
     if accelerator.is_main_process:
         print(f"[nanopost] {trainable_parameter_summary(model)}", flush=True)
     return model
+
+
+def lora_adapter_dir(name: str | None) -> Path | None:
+    """`name` as a folder if it holds a LoRA adapter (adapter_config.json, as PEFT or we save it), else None."""
+    if name is None:
+        return None
+    folder = Path(name).expanduser()
+    return folder if (folder / LORA_CONFIG_FILE).is_file() else None
+
+
+def adapter_base_model(adapter_dir: Path) -> str:
+    """The base model an adapter folder was trained on (`base_model_name_or_path` of its adapter_config.json)."""
+    try:
+        base = json.loads((adapter_dir / LORA_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as error:
+        raise UserError(f"{adapter_dir / LORA_CONFIG_FILE}: not valid JSON ({error})") from error
+    if not base:
+        raise UserError(
+            f"{adapter_dir / LORA_CONFIG_FILE}: no base_model_name_or_path, so the base model is unknown; "
+            "set it in that file to the base model's folder or Hub id"
+        )
+    return str(base)
 
 
 def ensure_default_sft_model(accelerator: Accelerator) -> Path:
@@ -135,7 +187,9 @@ def save_model_files(config: TrainConfig, model, tokenizer, folder: Path) -> Non
     if config.use_peft:
         from lora import save_adapter
 
-        save_adapter(model, folder, base_model_name_or_path=config.model_name_or_path)
+        # The base the adapter applies to: the model's own name_or_path (set by from_pretrained), which is the
+        # base model also when --model_name_or_path named an adapter folder; None for the built-in model.
+        save_adapter(model, folder, base_model_name_or_path=getattr(model, "name_or_path", None) or None)
     else:
         model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -8,11 +8,18 @@ from engine.errors import UserError
 
 def test_method_defaults_follow_trl():
     """TRL 1.16: SFTConfig.learning_rate = 2e-5, DPOConfig.learning_rate = 1e-6, DPO loss_type = ["sigmoid"]."""
-    sft = parse_config(["--method", "sft"])
-    dpo = parse_config(["--method", "dpo"])
+    sft = parse_config(["--method", "sft", "--model_name_or_path", "some/model"])
+    dpo = parse_config(["--method", "dpo", "--model_name_or_path", "some/model"])
     assert sft.learning_rate == 2e-5 and sft.loss_type == ["nll"] and sft.output_dir == "output/sft"
     assert dpo.learning_rate == 1e-6 and dpo.loss_type == ["sigmoid"] and dpo.beta == 0.1
     assert sft.eval_steps == sft.logging_steps == 10
+
+
+def test_builtin_model_defaults():
+    """With no --model_name_or_path the demo's tiny models need larger steps: sft 1e-3, dpo 1e-5."""
+    assert parse_config(["--method", "sft"]).learning_rate == 1e-3
+    assert parse_config(["--method", "dpo"]).learning_rate == 1e-5
+    assert parse_config(["--method", "sft", "--learning_rate", "2e-5"]).learning_rate == 2e-5
 
 
 @pytest.mark.parametrize("argv, expected", [

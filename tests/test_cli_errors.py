@@ -1,0 +1,169 @@
+"""Bad input, through the real CLI: each case exits non-zero with ONE line on stderr that names the problem and
+the fix — no traceback — and leaves no output that looks like a finished model (no config.json /
+model.safetensors / adapter_config.json in the output folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from data.defaults import DEFAULT_TOKENIZER_DIR
+from engine.model import build_tiny_smollm3
+
+REPO = Path(__file__).resolve().parents[1]
+FINISHED_MARKERS = ("config.json", "model.safetensors", "adapter_config.json")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model + tokenizer on disk, and small valid/invalid data files."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
+    model = build_tiny_smollm3(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    no_template_dir = root / "model_no_template"
+    model.save_pretrained(no_template_dir)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_template_dir)
+    (no_template_dir / "chat_template.jinja").unlink(missing_ok=True)
+
+    corrupt_dir = root / "model_corrupt"
+    model.save_pretrained(corrupt_dir)
+    weights = corrupt_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+    def jsonl(name: str, rows: list) -> str:
+        path = root / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    chat = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]}
+            for i in range(8)]
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f" {i + 1}.", "rejected": f" {i + 2}."} for i in range(8)]
+    files = {
+        "chat": jsonl("chat.jsonl", chat),
+        "pairs": jsonl("pairs.jsonl", pairs),
+        "empty": str(root / "empty.jsonl"),
+        "corrupt": str(root / "corrupt.jsonl"),
+        "wrong_columns": jsonl("wrong.jsonl", [{"question": "a", "reply": "b"}] * 4),
+        "no_rejected": jsonl("no_rejected.jsonl", [{"prompt": "a", "chosen": " b"}] * 4),
+        "empty_content": jsonl("empty_content.jsonl", chat[:3] + [
+            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}]),
+        "non_string": jsonl("non_string.jsonl", [
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}] * 2),
+        "identical": jsonl("identical.jsonl", pairs[:3] + [{"prompt": "Q?", "chosen": " A.", "rejected": " A."}]),
+        "unknown_role": jsonl("unknown_role.jsonl", [
+            {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}] * 2),
+        "long_prompt": jsonl("long_prompt.jsonl", [
+            {"prompt": "word " * 300, "chosen": " yes.", "rejected": " no."}] * 4),
+    }
+    Path(files["empty"]).write_text("")
+    Path(files["corrupt"]).write_text('{"messages": [1, 2\n{"oops"\n')
+    sft_ckpt = root / "sft_run" / "checkpoint-1"
+    return {"root": root, "model": str(model_dir), "no_template": str(no_template_dir),
+            "corrupt_model": str(corrupt_dir), "sft_ckpt": sft_ckpt, **files}
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def base(w, method="sft", data=None, out="out"):
+    data = data or (w["chat"] if method == "sft" else w["pairs"])
+    return ["--method", method, "--model_name_or_path", w["model"], "--dataset_name", data, "--output_dir",
+            str(w["root"] / out), "--bf16", "False", "--max_steps", "1", "--disable_tqdm", "--save_steps", "0",
+            "--eval_steps", "0", "--per_device_train_batch_size", "2"]
+
+
+# (case id, args builder, words the one-line error must contain)
+CASES = [
+    ("missing-file", lambda w: base(w, data="/no/such/file.jsonl"), ["/no/such/file.jsonl"]),
+    ("empty-file", lambda w: base(w, data=w["empty"]), ["empty"]),
+    ("corrupt-json", lambda w: base(w, data=w["corrupt"]), ["corrupt.jsonl"]),
+    ("wrong-columns-sft", lambda w: base(w, data=w["wrong_columns"]), ["question"]),
+    ("missing-column-dpo", lambda w: base(w, "dpo", data=w["no_rejected"]), ["rejected"]),
+    ("empty-content", lambda w: base(w, data=w["empty_content"]), ["row 3"]),
+    ("non-string-content", lambda w: base(w, data=w["non_string"]), ["content"]),
+    ("chosen-equals-rejected", lambda w: base(w, "dpo", data=w["identical"]), ["identical"]),
+    ("prompt-longer-than-max-length", lambda w: base(w, "dpo", data=w["long_prompt"]) + ["--max_length", "64"],
+     ["max_length"]),
+    ("unknown-role", lambda w: base(w, data=w["unknown_role"]), ["wizard"]),
+    ("no-chat-template", lambda w: base(w) + ["--model_name_or_path", w["no_template"]], ["chat template"]),
+    ("nonexistent-model", lambda w: base(w) + ["--model_name_or_path", "/no/such/model"], ["/no/such/model"]),
+    ("corrupt-safetensors", lambda w: base(w) + ["--model_name_or_path", w["corrupt_model"]], ["corrupt"]),
+    ("unknown-flag", lambda w: base(w) + ["--learnig_rate", "1e-5"], ["learnig_rate"]),
+    ("negative-learning-rate", lambda w: base(w) + ["--learning_rate", "-1e-5"], ["--learning_rate"]),
+    ("beta-zero", lambda w: base(w, "dpo") + ["--beta", "0"], ["--beta"]),
+    ("robust-label-smoothing", lambda w: base(w, "dpo") + ["--loss_type", "robust", "--label_smoothing", "0.5"],
+     ["--label_smoothing"]),
+    ("grad-accumulation-zero", lambda w: base(w) + ["--gradient_accumulation_steps", "0"],
+     ["--gradient_accumulation_steps"]),
+    ("max-length-below-prompt", lambda w: base(w, "dpo") + ["--max_length", "4"], ["max_length"]),
+    ("output-dir-is-file", lambda w: base(w) + ["--output_dir", w["chat"]], ["is a file"]),
+    ("output-dir-unwritable", lambda w: base(w) + ["--output_dir", "/proc/nanopost-out"], ["cannot write"]),
+    ("resume-other-method", lambda w: base(w, "dpo", out="sft_run") + [
+        "--resume_from_checkpoint", str(w["sft_ckpt"])], ["sft checkpoint"]),
+    ("resume-other-model", lambda w: base(w, out="sft_run") + [
+        "--model_name_or_path", w["no_template"], "--resume_from_checkpoint", str(w["sft_ckpt"])],
+     ["trained from"]),
+    ("resume-missing", lambda w: base(w) + ["--resume_from_checkpoint", "/no/such/checkpoint-3"],
+     ["not a complete checkpoint"]),
+    ("yaml-unknown-key", lambda w: base(w) + ["--config", _yaml(w, "lerning_rate: 1.0\n")], ["lerning_rate"]),
+    ("yaml-missing", lambda w: base(w) + ["--config", "/no/such.yaml"], ["no such file"]),
+    ("unknown-loss-type", lambda w: base(w, "dpo") + ["--loss_type", "sigmoidd"], ["sigmoidd"]),
+    ("bad-boolean", lambda w: base(w) + ["--bf16", "maybe"], ["maybe"]),
+    ("missing-split", lambda w: base(w) + ["--dataset_train_split", "nope"], ["nope"]),
+    ("lora-target-matches-nothing", lambda w: base(w) + ["--use_peft", "--lora_target_modules", "no_such_proj"],
+     ["no_such_proj"]),
+    ("nan-loss", lambda w: base(w, out="nan_run") + ["--learning_rate", "1e30", "--max_steps", "3",
+                                                    "--max_grad_norm", "0"], ["non-finite", "step"]),
+]
+
+
+def _yaml(w, text: str) -> str:
+    path = w["root"] / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(workspace):
+    """A real 1-step SFT checkpoint, for the resume-from-the-wrong-thing cases."""
+    result = run_cli(base(workspace, out="sft_run") + ["--save_steps", "1"], workspace["root"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (workspace["sft_ckpt"] / "trainer_state.json").is_file()
+    return workspace["sft_ckpt"]
+
+
+def test_catalogue_has_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("case_id, build, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_error(workspace, sft_checkpoint, case_id, build, words):
+    args = build(workspace)
+    output_dir = Path(args[args.index("--output_dir") + 1]) if "--output_dir" in args else None
+    before = {p.name for p in output_dir.iterdir()} if output_dir and output_dir.is_dir() else set()
+    result = run_cli(args, workspace["root"])
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, f"exit {result.returncode}; stderr tail:\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    for word in words:
+        assert word.lower() in error_lines[0].lower(), error_lines[0]
+    if output_dir is not None and output_dir.is_dir() and case_id != "output-dir-is-file":
+        new_files = {p.name for p in output_dir.iterdir()} - before
+        assert not new_files & set(FINISHED_MARKERS), f"{case_id} left {sorted(new_files)}"
+
