@@ -60,8 +60,8 @@ def load_tokenizer(name: str, *, revision: str = "main", trust_remote_code: bool
     check_model_source(name, "tokenizer", marker="tokenizer_config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise UserError(f"tokenizer {name}: could not be loaded ({_first_line(error)})") from error
+    except (OSError, ValueError) as error:
+        raise _load_failure("tokenizer", name, error) from error
     if chat_template_path is not None:
         template = Path(chat_template_path)
         if not template.is_file():
@@ -85,10 +85,18 @@ def load_model(name: str, *, revision: str = "main", trust_remote_code: bool = F
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
-        message = _first_line(error)
-        if "safetensors" in message.lower() or "header" in message.lower() or "deserializ" in message.lower():
-            raise UserError(f"{what} {name}: the weights file is corrupt or truncated ({message})") from error
-        raise UserError(f"{what} {name}: could not be loaded ({message})") from error
+        raise _load_failure(what, name, error) from error
+
+
+def _load_failure(what: str, name: str, error: BaseException) -> UserError:
+    message = _first_line(error)
+    lowered = message.lower()
+    if "connect" in lowered or "offline" in lowered or "resolve" in lowered:
+        return UserError(f"{what} {name}: cannot reach the Hugging Face Hub (offline?) and it is not in the local "
+                         "cache; connect, or pass a local folder saved with save_pretrained")
+    if "safetensors" in lowered or "header" in lowered or "deserializ" in lowered:
+        return UserError(f"{what} {name}: the weights file is corrupt or truncated ({message})")
+    return UserError(f"{what} {name}: could not be loaded ({message})")
 
 
 def _first_line(error: BaseException) -> str:
