@@ -1,19 +1,24 @@
 """Preference-loss registry: a name -> pure function map, and the one combinator the engine calls.
 
-Adding a loss = one function + one decorator line, in `losses/dpo.py` or `losses/reference_free.py`:
+Adding a loss = one function + one decorator line, in any module of `losses/` (e.g. a new `losses/my_loss.py`):
 
     @register_loss("my_loss", reference_free=False)
     def my_loss(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
         '''Title.  Formula: ...  Shape: ...  Paper: ...  TRL: ...'''
         return ...  # (B,) per-pair losses
 
-then `python scripts/gen_losses_md.py` to refresh LOSSES.md. Every loss reads what it needs from a
-`PreferenceBatch` (per-pair tensors) and a `LossOptions` (hyper-parameters) and returns per-pair losses.
-`preference_loss` combines several of them exactly as TRL 1.16 `DPOTrainer._compute_loss` does.
+then `python train.py --method dpo --loss_type my_loss`, and `python scripts/gen_losses_md.py` to add it to
+LOSSES.md. A new module needs no import anywhere: `discover_losses` imports every module of the package the
+first time a loss is looked up. Every loss reads what it needs from a `PreferenceBatch` (per-pair tensors) and
+a `LossOptions` (hyper-parameters) and returns per-pair losses. `preference_loss` combines several of them
+exactly as TRL 1.16 `DPOTrainer._compute_loss` does.
 """
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -132,8 +137,28 @@ def register_loss(
     return decorator
 
 
+_discovered = False
+
+
+def discover_losses() -> None:
+    """Import every module of the `losses` package (once), so that each one's `@register_loss` lines run.
+
+    This is what makes a new loss one file: `losses/my_loss.py` registers its loss when it is imported, and
+    it is imported here, by file name, the first time any loss is looked up. A module that fails to import
+    raises its own error (with its traceback), not "unknown loss_type".
+    """
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    package = __name__.rpartition(".")[0]  # "losses"
+    for module in pkgutil.iter_modules([str(Path(__file__).resolve().parent)]):
+        importlib.import_module(f"{package}.{module.name}")
+
+
 def get_loss(name: str) -> LossSpec:
     """The registry entry for `name`; UserError listing the available names if unknown."""
+    discover_losses()
     if name not in LOSSES:
         raise UserError(
             f"unknown loss_type {name!r}; available: {', '.join(sorted(LOSSES))} (set --loss_type to one of them)"
