@@ -104,4 +104,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
     if keep is None or keep < 1:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
+        # The completion marker goes first: a run killed mid-delete leaves a folder `latest` ignores, not a
+        # half-deleted one that still looks complete.
+        (old / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)

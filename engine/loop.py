@@ -139,6 +139,14 @@ class StopRequest:
         self.requested = True
         print(f"\n[nanopost] received signal {signum}: finishing this step, then saving a checkpoint.", flush=True)
 
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether to stop now, the same answer on every process: a signal can reach the processes at different
+        moments (or only one of them), and a process that saved and exited while another ran on would hang both."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flags = accelerator.gather(torch.tensor([int(self.requested)], device=accelerator.device))
+        return bool(flags.max())
+
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -258,14 +266,15 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 sync = index == len(batches) - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss, metrics = method.loss(model, batch, num_items)
+                    loss, metrics = call_through(model, accelerator,
+                                                 lambda plain: method.loss(plain, batch, num_items))
                     if num_items is not None:
                         loss = loss * world  # DDP averages gradients over processes; the window sum is global
                     else:
                         loss = loss / len(batches)  # mean of micro-batch means (TRL's DPO convention)
                 _check_finite(loss, global_step + 1, "loss", last_checkpoint)
                 accelerator.backward(loss)
-                step_loss += float(loss.detach()) / (world if num_items is not None else 1)
+                step_loss += float(loss.detach())  # SFT: world x this process's share; averaged over processes below
                 tokens_seen += metrics.pop("num_tokens")  # already summed over processes by the method
                 window.add(metrics)
 
@@ -313,10 +322,12 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                 "model_name_or_path": config.model_name_or_path, "total_steps": total_steps,
                 "loss_since_log": loss_since_log, "steps_since_log": steps_since_log,
             }
-            if (config.save_steps and global_step % config.save_steps == 0) or (stop.requested and global_step < total_steps):
+            stop_now = global_step < total_steps and stop.agreed(accelerator)
+            if (config.save_steps and global_step % config.save_steps == 0) or stop_now:
+                _check_finite_weights(accelerator, model, global_step, last_checkpoint)
                 last_checkpoint = save_checkpoint(output_dir, global_step, state, accelerator, model, optimizer,
                                                   scheduler, config, tokenizer)
-            if stop.requested and global_step < total_steps:
+            if stop_now:
                 progress.close()
                 raise UserError(
                     f"stopped at step {global_step} on request; checkpoint saved in {last_checkpoint}. "
@@ -328,6 +339,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     if eval_examples and config.eval_steps and (global_step % config.eval_steps != 0):
         final_metrics = evaluate(method, model, eval_examples, config, accelerator)
         writer.write({"step": global_step, **final_metrics})
+    _check_finite_weights(accelerator, model, global_step, last_checkpoint)
     save_final_model(config, accelerator, model, tokenizer, output_dir)
     if hasattr(method, "finish"):
         final_metrics.update(method.finish(accelerator.unwrap_model(model), output_dir) or {})
@@ -369,6 +381,44 @@ def _check_finite(value: torch.Tensor, step: int, what: str, last_checkpoint: Pa
         )
 
 
+def _check_finite_weights(accelerator: Accelerator, model, step: int, last_checkpoint: Path | None) -> None:
+    """Refuse to write a checkpoint or final model holding non-finite weights.
+
+    Finite gradients can still give non-finite weights (e.g. --learning_rate 1e39 is finite in Python but inf in
+    fp32), and after the last step no further loss would reveal it; checked only when saving, so it costs nothing
+    per step. Every process gets the same answer (a sharded model holds different weights on each), so all stop.
+    """
+    bad = [name for name, param in model.named_parameters()
+           if param.requires_grad and not bool(torch.isfinite(param.detach()).all())]
+    any_bad = bool(bad)
+    if accelerator.num_processes > 1:
+        any_bad = bool(accelerator.gather(torch.tensor([int(any_bad)], device=accelerator.device)).max())
+    if any_bad:
+        where = bad[0] if bad else "on another process"
+        _check_finite(torch.tensor(float("nan")), step, f"weights ({where}) after the optimizer step", last_checkpoint)
+
+
+def call_through(model, accelerator: Accelerator, fn: Callable[[torch.nn.Module], Any]) -> Any:
+    """Run `fn(plain_model)` as the forward of the prepared (possibly wrapped) model, and return its result.
+
+    The methods call the plain model's decoder and LM head (engine/forward.py's lean head), not its forward.
+    But DDP all-reduces gradients, FSDP gathers sharded weights and DeepSpeed hooks in only when the prepared
+    model itself is called: calling the plain model directly would fail on a DDP wrapper, train each process on
+    its own gradients, or fail on sharded weights (FSDP). So the plain model's `forward` is `fn` for the length
+    of one call of the prepared model; with one process and no wrapper this is just `fn(model)`.
+    """
+    plain = accelerator.unwrap_model(model)
+    own = plain.__dict__.get("forward")  # accelerate's autocast wrapper, if any; restored below
+    plain.forward = lambda *args, **kwargs: fn(plain)
+    try:
+        return model()
+    finally:
+        if own is None:
+            del plain.forward
+        else:
+            plain.forward = own
+
+
 def _gathered_means(accelerator: Accelerator, means: dict[str, float]) -> dict[str, float]:
     if accelerator.num_processes == 1 or not means:
         return means
@@ -389,7 +439,7 @@ def evaluate(method, model, examples, config: TrainConfig, accelerator: Accelera
         batch = method.collate([examples[i] for i in indices])
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
-            metrics = method.evaluate_batch(accelerator.unwrap_model(model), batch)
+            metrics = call_through(model, accelerator, lambda plain: method.evaluate_batch(plain, batch))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * len(indices)
         count += len(indices)
@@ -399,13 +449,14 @@ def evaluate(method, model, examples, config: TrainConfig, accelerator: Accelera
 
 def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any], accelerator: Accelerator, model, optimizer,
                     scheduler, config: TrainConfig, tokenizer) -> Path:
-    from engine.setup import save_model_files
+    from engine.setup import full_state_dict, save_model_files
 
     final = output_dir / f"checkpoint-{step}"
+    state_dict = full_state_dict(accelerator, model)  # every process takes part when the model is sharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(folder: Path) -> None:
-            save_model_files(config, accelerator.unwrap_model(model), tokenizer, folder)
+            save_model_files(config, accelerator.unwrap_model(model), tokenizer, folder, state_dict=state_dict)
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(ckpt.rng_state(), folder / "rng_state.pth")

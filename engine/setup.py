@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from engine.config import TrainConfig
 from engine.errors import UserError
@@ -26,11 +28,16 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     if bf16 is None:  # TRL's default is bf16 on; keep it where the hardware has bf16 (any CPU autocasts)
         bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
     log_with = None if config.report_to == "none" else config.report_to
+    # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without GPUs: accelerate sets
+    # up gloo data parallel only when told to use the CPU; otherwise each process silently trains alone.
+    multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(
         mixed_precision="bf16" if bf16 else "no",
         log_with=log_with,
         project_dir=config.output_dir,
+        cpu=multi_process_cpu,
     )
+    _check_sharding(config, accelerator)
     if log_with is not None:
         try:
             accelerator.init_trackers(config.run_name or "nanopost", config={
@@ -39,6 +46,68 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         except Exception as error:  # a tracker that is not installed or not logged in
             raise UserError(f"--report_to {config.report_to}: could not start the tracker ({error})") from error
     return accelerator
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """FSDP or DeepSpeed: the prepared model's weights (or their optimizer state) are split over processes."""
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _check_sharding(config: TrainConfig, accelerator: Accelerator) -> None:
+    """Refuse, on every process, sharded set-ups that would silently not shard or that the engine cannot save."""
+    asked = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(variable, "false").lower() == "true"]
+    if asked and not is_sharded(accelerator):
+        # accelerate 1.15 turns FSDP / DeepSpeed on only for GPU process groups and otherwise runs plain data
+        # parallel (or one process): every process would hold the whole model, not what was asked for.
+        raise UserError(
+            f"{asked[0]} was asked for (accelerate config) but accelerate enables it only on GPUs, and this run has "
+            f"{accelerator.num_processes} process(es) of type {accelerator.distributed_type.value} on "
+            f"{accelerator.device.type}; on CPU launch with --config_file configs/accelerate/ddp_cpu.yaml"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed clips and steps inside its own backward (untested here: DeepSpeed is not a dependency).
+        plugin = accelerator.state.deepspeed_plugin
+        clipping = plugin.deepspeed_config.get("gradient_clipping")
+        if plugin.zero_stage == 3:
+            raise UserError("DeepSpeed ZeRO stage 3 is not supported (it partitions the weights, and the engine's "
+                            "LM head reads its weight directly); use configs/accelerate/fsdp.yaml")
+        if config.gradient_accumulation_steps > 1:
+            raise UserError("--gradient_accumulation_steps > 1 is not supported with DeepSpeed (it steps inside "
+                            "every backward); raise --per_device_train_batch_size or the number of processes")
+        if isinstance(clipping, (int, float)) and clipping != config.max_grad_norm:
+            raise UserError(f"the DeepSpeed config clips gradients at {clipping} but --max_grad_norm is "
+                            f"{config.max_grad_norm}; make them equal (DeepSpeed does the clipping)")
+    if is_sharded(accelerator) and config.use_peft:
+        raise UserError(
+            f"--use_peft with {accelerator.distributed_type.value} is not supported (the adapter would be saved "
+            "from one process's shard); LoRA leaves the base model frozen, so use plain data parallel: "
+            "--config_file configs/accelerate/ddp_gpu.yaml"
+        )
+    if is_sharded(accelerator) and config.resume_from_checkpoint:
+        raise UserError(
+            f"--resume_from_checkpoint with {accelerator.distributed_type.value} is not supported (checkpoints hold "
+            "the full model but only the main process's optimizer shard); resume with plain data parallel "
+            "(configs/accelerate/ddp_gpu.yaml), or start a new run from the checkpoint's model with "
+            "--model_name_or_path <checkpoint folder>"
+        )
+
+
+def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on the main process when they are sharded (FSDP, DeepSpeed), else None.
+
+    A collective: every process must call it, before the main process writes files.
+    """
+    if not is_sharded(accelerator):
+        return None
+    state_dict = accelerator.get_state_dict(model)
+    # Tied weights (lm_head = embed_tokens) come back as two copies, which save_pretrained cannot tell are tied:
+    # keep the first name of each shared parameter, as save_pretrained does for a live model.
+    first_name: dict[int, str] = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if first_name.setdefault(id(param), name) != name:
+            state_dict.pop(name, None)
+    return state_dict
 
 
 def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
@@ -182,8 +251,12 @@ def load_datasets(config: TrainConfig):
 # ---------------------------------------------------------------------- writing models
 
 
-def save_model_files(config: TrainConfig, model, tokenizer, folder: Path) -> None:
-    """Model (or adapter) + tokenizer into `folder` — loadable with from_pretrained / PeftModel.from_pretrained."""
+def save_model_files(config: TrainConfig, model, tokenizer, folder: Path,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Model (or adapter) + tokenizer into `folder` — loadable with from_pretrained / PeftModel.from_pretrained.
+
+    `state_dict`: the gathered weights of a sharded model (`full_state_dict`); None saves `model`'s own.
+    """
     if config.use_peft:
         from lora import save_adapter
 
@@ -191,7 +264,7 @@ def save_model_files(config: TrainConfig, model, tokenizer, folder: Path) -> Non
         # base model also when --model_name_or_path named an adapter folder; None for the built-in model.
         save_adapter(model, folder, base_model_name_or_path=getattr(model, "name_or_path", None) or None)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
 
@@ -217,12 +290,21 @@ def load_model_files(config: TrainConfig, model, folder: Path) -> None:
         model.tie_weights()
 
 
+# Weight files save_pretrained / PEFT write: single files, shards and their index, safetensors or bin.
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)([-.][\w.-]*)?\.(safetensors|bin)(\.index\.json)?$")
+
+
 def save_final_model(config: TrainConfig, accelerator: Accelerator, model, tokenizer, output_dir: Path) -> None:
     """Write the final model so that a crash mid-write never leaves a complete-looking model.
 
     Files are written to a temporary folder, then moved into `output_dir`, with config.json / adapter_config.json
-    (what from_pretrained looks for first) removed before and moved in last.
+    (what from_pretrained looks for first) removed before and moved in last. The rule: `output_dir` either holds
+    one complete save (the previous one if the crash came while writing the temporary folder, else the new one)
+    with its config, or holds no config.json / adapter_config.json at all. Weight files of a previous save that
+    the new one does not overwrite (another shard layout, a full model before an adapter, an old merged/) are
+    removed too: from_pretrained would otherwise load e.g. a stale model.safetensors in place of new shards.
     """
+    state_dict = full_state_dict(accelerator, model)  # every process takes part when the model is sharded
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -231,7 +313,7 @@ def save_final_model(config: TrainConfig, accelerator: Accelerator, model, token
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model_files(config, unwrapped, tokenizer, tmp)
+    save_model_files(config, unwrapped, tokenizer, tmp, state_dict=state_dict)
     if config.use_peft and config.merge_adapter:
         from lora import merged_model
 
@@ -239,8 +321,15 @@ def save_final_model(config: TrainConfig, accelerator: Accelerator, model, token
         merged_model(unwrapped).save_pretrained(merged_dir, safe_serialization=True)
         tokenizer.save_pretrained(merged_dir)
     markers = [n for n in ("config.json", LORA_CONFIG_FILE) if (tmp / n).exists()]
-    for name in markers:
+    for name in ("config.json", LORA_CONFIG_FILE):  # both: a previous save of the other kind is replaced too
         (output_dir / name).unlink(missing_ok=True)
+    for stale in output_dir.iterdir():
+        if (tmp / stale.name).exists():
+            continue  # replaced below
+        if stale.name == "merged" and stale.is_dir():
+            shutil.rmtree(stale)
+        elif _WEIGHT_FILE.match(stale.name) and stale.is_file():
+            stale.unlink()
     for item in sorted(tmp.iterdir(), key=lambda p: p.name in markers):
         target = output_dir / item.name
         if target.is_dir():
