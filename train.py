@@ -6,7 +6,7 @@
         --dataset_name HuggingFaceTB/smoltalk2_everyday_convs_think
     python train.py --method dpo --model_name_or_path <sft model> --dataset_name Anthropic/hh-rlhf
     python train.py --config run.yaml --learning_rate 1e-5   # flags override the YAML file
-    accelerate launch --num_processes 2 train.py --method sft # data parallel
+    accelerate launch --config_file configs/accelerate/ddp_cpu.yaml train.py --method sft  # 2 processes
 
 Bad input ends with a one-line error (exit 2), never a traceback.
 """

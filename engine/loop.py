@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import signal
 import time
@@ -266,8 +267,8 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 sync = index == len(batches) - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss, metrics = call_through(model, accelerator,
-                                                 lambda plain: method.loss(plain, batch, num_items))
+                    loss, metrics = call_through(
+                        model, accelerator, lambda plain, batch=batch, n=num_items: method.loss(plain, batch, n))
                     if num_items is not None:
                         loss = loss * world  # DDP averages gradients over processes; the window sum is global
                     else:
@@ -356,7 +357,7 @@ def _check_output_dir(output_dir: Path) -> None:
         raise UserError(f"--output_dir {output_dir}: is a file; give a folder")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
+        probe = output_dir / f".write-test-{os.getpid()}"  # one per process: launched processes run this at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
@@ -439,7 +440,8 @@ def evaluate(method, model, examples, config: TrainConfig, accelerator: Accelera
         batch = method.collate([examples[i] for i in indices])
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
-            metrics = call_through(model, accelerator, lambda plain: method.evaluate_batch(plain, batch))
+            metrics = call_through(model, accelerator,
+                                   lambda plain, batch=batch: method.evaluate_batch(plain, batch))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * len(indices)
         count += len(indices)

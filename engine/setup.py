@@ -226,6 +226,14 @@ def ensure_default_sft_model(accelerator: Accelerator) -> Path:
     folder = default_cache_dir() / "default-sft"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
+    if accelerator.num_processes > 1:
+        # Training it inside this run would issue the nested run's collectives from one process only, and its
+        # end_training() would tear down the process group this run still needs.
+        raise UserError(
+            f"the built-in DPO demo starts from a cached SFT model ({folder}), which does not exist yet and is "
+            "trained on first use in ONE process: run `python train.py --method dpo` once without a launcher, or "
+            "pass --model_name_or_path <your SFT model>"
+        )
     if accelerator.is_main_process:
         print(f"[nanopost] no cached SFT model yet: training the built-in one into {folder} (one time)", flush=True)
         from engine.config import parse_config
