@@ -1,0 +1,92 @@
+"""Rule judge for the DPO demo on the bundled preference data (data/bundled/preference/).
+
+The rule: a completion to "What is a + b?" (or "a - b") scores 1.0 exactly when, after cutting at the first
+end-of-turn token and dropping one leading `<think>...</think>` block, it reads `a + b = c.` with the correct
+`c` and nothing else; otherwise 0.0. So it checks both things the preference pairs teach: the correct sum
+and the preferred equation style (`The answer is c.` scores 0.0 even when `c` is right), and that the model
+stops after the answer.
+
+    from data.demo_rule import score, win_rate
+    score("What is 17 + 25?", "17 + 25 = 42.")          # 1.0
+    score("What is 17 + 25?", "The answer is 42.")      # 0.0 (dispreferred style)
+    win_rate(policy_texts, reference_texts, prompts)    # wins + 0.5 * ties, over n
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from engine.errors import UserError
+
+PROBLEM_RE = re.compile(r"(\d+)\s*([+-])\s*(\d+)")
+THINK_BLOCK_RE = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+STOP_STRINGS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
+
+Prompt = str | Sequence[dict]
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The text that holds the problem: a string as is, or the last user message of a message list."""
+    if isinstance(prompt, str):
+        return prompt
+    user_turns = [m["content"] for m in prompt if m.get("role") == "user"]
+    if not user_turns:
+        raise UserError(f"demo_rule: prompt {list(prompt)!r} has no user message; pass the prompt's messages")
+    return user_turns[-1]
+
+
+def expected_answer(prompt: Prompt) -> str:
+    """The one completion that scores 1.0, e.g. `17 + 25 = 42.` for "What is 17 + 25?".
+
+    The last `a + b` / `a - b` in the prompt text is the problem (in a rendered chat it belongs to the last
+    user turn).
+    """
+    text = prompt_text(prompt)
+    matches = PROBLEM_RE.findall(text)
+    if not matches:
+        raise UserError(
+            f"demo_rule: no 'a + b' or 'a - b' problem in prompt {text!r}; the rule only judges the bundled "
+            "arithmetic prompts (data/bundled/preference)"
+        )
+    a, op, b = matches[-1]
+    result = int(a) + int(b) if op == "+" else int(a) - int(b)
+    return f"{int(a)} {op} {int(b)} = {result}."
+
+
+def clean_completion(completion: str) -> str:
+    """Cut at the first stop string, drop one leading think block (empty or not), strip whitespace."""
+    for stop in STOP_STRINGS:
+        completion = completion.split(stop, 1)[0]
+    return THINK_BLOCK_RE.sub("", completion, count=1).strip()
+
+
+def score(prompt: Prompt, completion: str) -> float:
+    """1.0 if the completion is exactly the correct equation `a + b = c.` (see module docstring), else 0.0.
+
+    Args:
+        prompt: the prompt as text (plain or chat-rendered) or as a list of messages.
+        completion: the generated text, decoded with or without special tokens.
+    """
+    return 1.0 if clean_completion(completion) == expected_answer(prompt) else 0.0
+
+
+def win_rate(
+    policy_completions: Sequence[str], reference_completions: Sequence[str], prompts: Sequence[Prompt]
+) -> float:
+    """Share of prompts where the policy beats the reference under `score`, ties counting half.
+
+    win_rate = (#{score(policy) > score(reference)} + 0.5 * #{score(policy) == score(reference)}) / n.
+    0.5 means no difference; 1.0 means the policy is right everywhere the reference is wrong and nowhere worse.
+    """
+    n = len(prompts)
+    if n == 0 or len(policy_completions) != n or len(reference_completions) != n:
+        raise UserError(
+            f"demo_rule.win_rate: need the same non-zero number of prompts ({n}), policy completions "
+            f"({len(policy_completions)}) and reference completions ({len(reference_completions)})"
+        )
+    total = 0.0
+    for prompt, policy, reference in zip(prompts, policy_completions, reference_completions, strict=True):
+        policy_score, reference_score = score(prompt, policy), score(prompt, reference)
+        total += 1.0 if policy_score > reference_score else 0.5 if policy_score == reference_score else 0.0
+    return total / n
