@@ -1,14 +1,18 @@
 """Rule judge for the DPO demo on the bundled preference data (data/bundled/preference/).
 
-The rule: a completion to "What is a + b?" (or "a - b") scores 1.0 exactly when, after cutting at the first
-end-of-turn token and dropping one leading `<think>...</think>` block, it reads `a + b = c.` with the correct
-`c` and nothing else; otherwise 0.0. So it checks both things the preference pairs teach: the correct sum
-and the preferred equation style (`The answer is c.` scores 0.0 even when `c` is right), and that the model
-stops after the answer.
+The preference pairs teach two things, and the rule checks both, half a point each. After cutting at the first
+end-of-turn token and dropping one leading `<think>...</think>` block, a completion to "What is a + b?" (or
+"a - b"):
+- follows the preferred format (0.5) when it is exactly one equation restating the question, `a + b = n.`,
+  for some integer n (the rejected answers are often `The answer is n.`, or do not stop);
+- is correct (0.5) when the last number it states is the true result.
+So `a + b = c.` with the right c scores 1.0, a wrong equation 0.5, `The answer is c.` with the right c 0.5,
+and anything else 0.0.
 
     from data.demo_rule import score, win_rate
     score("What is 17 + 25?", "17 + 25 = 42.")          # 1.0
-    score("What is 17 + 25?", "The answer is 42.")      # 0.0 (dispreferred style)
+    score("What is 17 + 25?", "17 + 25 = 43.")          # 0.5 (format only)
+    score("What is 17 + 25?", "The answer is 42.")      # 0.5 (correct only)
     win_rate(policy_texts, reference_texts, prompts)    # wins + 0.5 * ties, over n
 """
 
@@ -61,14 +65,33 @@ def clean_completion(completion: str) -> str:
     return THINK_BLOCK_RE.sub("", completion, count=1).strip()
 
 
+def follows_format(prompt: Prompt, completion: str) -> bool:
+    """The completion is exactly `a op b = n.` with the question's a, op, b and some integer n."""
+    a, op, b, _ = _problem(prompt)
+    match = re.fullmatch(r"(\d+) ([+-]) (\d+) = (-?\d+)\.", clean_completion(completion))
+    return match is not None and (int(match.group(1)), match.group(2), int(match.group(3))) == (a, op, b)
+
+
+def is_correct(prompt: Prompt, completion: str) -> bool:
+    """The last integer the completion states is the true result."""
+    numbers = re.findall(r"-?\d+", clean_completion(completion))
+    return bool(numbers) and int(numbers[-1]) == _problem(prompt)[3]
+
+
 def score(prompt: Prompt, completion: str) -> float:
-    """1.0 if the completion is exactly the correct equation `a + b = c.` (see module docstring), else 0.0.
+    """0.5 for the preferred format + 0.5 for the correct result (see the module docstring).
 
     Args:
         prompt: the prompt as text (plain or chat-rendered) or as a list of messages.
         completion: the generated text, decoded with or without special tokens.
     """
-    return 1.0 if clean_completion(completion) == expected_answer(prompt) else 0.0
+    return 0.5 * follows_format(prompt, completion) + 0.5 * is_correct(prompt, completion)
+
+
+def _problem(prompt: Prompt) -> tuple[int, str, int, int]:
+    a, op, b = expected_answer(prompt).split(" = ")[0].split(" ")
+    result = int(a) + int(b) if op == "+" else int(a) - int(b)
+    return int(a), op, int(b), result
 
 
 def win_rate(

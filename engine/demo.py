@@ -3,8 +3,10 @@
 Two numbers on the held-out split, each for the reference (the SFT model DPO started from) and the policy:
 - preference accuracy: share of pairs where the model gives the chosen completion a higher log-prob than the
   rejected one (the reference's own accuracy is the baseline; TRL's rewards/accuracies is 0 for it by definition);
-- rule-judged generations: greedy completions of held-out prompts scored by `data.demo_rule`; the win rate of the
-  policy's completion against the reference's on the same prompt (ties count half; 0.5 = no change).
+- rule-judged generations: greedy completions of held-out prompts scored by `data.demo_rule` (half a point for
+  the preferred `a + b = n.` format, half for the correct result); the share in the format, the share correct,
+  and the win rate of the policy's completion against the reference's on the same prompt (ties count half;
+  0.5 = no change).
 """
 
 from __future__ import annotations
@@ -79,26 +81,33 @@ def demo_report(method, policy, output_dir: Path) -> dict[str, Any]:
         reference_completions = greedy_completions(reference, method.tokenizer, prompts)
     policy.config.use_cache = use_cache
 
-    policy_scores = [demo_rule.score(p, c) for p, c in zip(prompt_texts, policy_completions)]
-    reference_scores = [demo_rule.score(p, c) for p, c in zip(prompt_texts, reference_completions)]
+    def rate(check, completions) -> float:
+        return sum(check(p, c) for p, c in zip(prompt_texts, completions, strict=True)) / len(examples)
+
     report = {
         "heldout_pairs": len(examples),
         "preference_accuracy_reference": before_accuracy,
         "preference_accuracy_policy": after_accuracy,
-        "rule_score_reference": sum(reference_scores) / len(examples),
-        "rule_score_policy": sum(policy_scores) / len(examples),
+        "format_rate_reference": rate(demo_rule.follows_format, reference_completions),
+        "format_rate_policy": rate(demo_rule.follows_format, policy_completions),
+        "correct_rate_reference": rate(demo_rule.is_correct, reference_completions),
+        "correct_rate_policy": rate(demo_rule.is_correct, policy_completions),
+        "rule_score_reference": rate(demo_rule.score, reference_completions),
+        "rule_score_policy": rate(demo_rule.score, policy_completions),
         "win_rate_policy_vs_reference": demo_rule.win_rate(policy_completions, reference_completions, prompt_texts),
     }
     if method.accelerator.is_main_process:
         (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
         samples = [{"prompt": p, "reference": r, "policy": c}
-                   for p, r, c in list(zip(prompt_texts, reference_completions, policy_completions))[:8]]
+                   for p, r, c in list(zip(prompt_texts, reference_completions, policy_completions, strict=True))[:8]]
         (output_dir / "demo_samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+        r = report
         print(
-            "[nanopost] DPO demo on {n} held-out pairs: preference accuracy {a:.3f} -> {b:.3f}; rule score of greedy "
-            "answers {c:.3f} -> {d:.3f}; win rate policy vs reference {w:.3f}".format(
-                n=len(examples), a=before_accuracy, b=after_accuracy, c=report["rule_score_reference"],
-                d=report["rule_score_policy"], w=report["win_rate_policy_vs_reference"]),
+            f"[nanopost] DPO demo on {len(examples)} held-out pairs (reference -> policy): preference accuracy "
+            f"{r['preference_accuracy_reference']:.3f} -> {r['preference_accuracy_policy']:.3f}; greedy answers in "
+            f"the preferred format {r['format_rate_reference']:.3f} -> {r['format_rate_policy']:.3f}, correct "
+            f"{r['correct_rate_reference']:.3f} -> {r['correct_rate_policy']:.3f}; rule-judged win rate of the "
+            f"policy vs the reference {r['win_rate_policy_vs_reference']:.3f} (0.5 = no change)",
             flush=True,
         )
     return report

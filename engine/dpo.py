@@ -145,7 +145,7 @@ class DPOMethod:
             with accelerator.autocast():
                 sums = self._reference_forward(model, batch)
             chosen, rejected = sums.float().chunk(2)
-            for index, c, r in zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist()):
+            for index, c, r in zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist(), strict=True):
                 logps[index] = (c, r)
         if accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ class DPOMethod:
         if pair_means:
             names = sorted(pair_means)
             gathered = self.accelerator.gather(torch.stack([pair_means[k] for k in names]).unsqueeze(0)).mean(0)
-            pair_means = dict(zip(names, gathered.tolist()))
+            pair_means = dict(zip(names, gathered.tolist(), strict=True))
         metrics = {
             "entropy": ratio(entropy, tokens),
             "logits/chosen": ratio(chosen_logit_sum, chosen_tokens),

@@ -84,7 +84,7 @@ def token_stats(model, input_ids: Tensor, labels: Tensor, attention_mask: Tensor
         zero = hidden.sum() * 0.0
         empty = hidden.new_zeros(0)
         return TokenStats(empty + zero, empty, empty.bool(), empty, mask, empty)
-    logps, entropy, is_top1, logit_mean, log_sum_sq = (torch.cat(parts) for parts in zip(*outputs))
+    logps, entropy, is_top1, logit_mean, log_sum_sq = (torch.cat(parts) for parts in zip(*outputs, strict=True))
     return TokenStats(logps, entropy, is_top1, logit_mean, mask, log_sum_sq if want_log_sum_sq else None)
 
 

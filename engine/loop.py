@@ -188,7 +188,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     train_raw, eval_raw = load_datasets(config)
     train_examples, train_report = method.prepare(train_raw, split_name=config.dataset_train_split)
     eval_examples = None
-    if eval_raw is not None and config.eval_steps:
+    if eval_raw is not None:  # also when --eval_steps 0: the DPO demo reports on the held-out split
         eval_examples, _ = method.prepare(eval_raw, split_name=config.dataset_test_split)
     if accelerator.is_main_process and getattr(train_report, "summary", None):
         print(f"[nanopost] {train_report.summary()}", flush=True)
@@ -337,9 +337,11 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     progress.close()
 
     final_metrics: dict[str, Any] = {}
-    if eval_examples and config.eval_steps and (global_step % config.eval_steps != 0):
+    if eval_examples and config.eval_steps != 0 and (not config.eval_steps or global_step % config.eval_steps):
         final_metrics = evaluate(method, model, eval_examples, config, accelerator)
-        writer.write({"step": global_step, **final_metrics})
+        record = {"step": global_step, "epoch": micro_position / micro_per_epoch, **final_metrics}
+        writer.write(record)
+        logs.append(record)
     _check_finite_weights(accelerator, model, global_step, last_checkpoint)
     save_final_model(config, accelerator, model, tokenizer, output_dir)
     if hasattr(method, "finish"):
@@ -425,7 +427,7 @@ def _gathered_means(accelerator: Accelerator, means: dict[str, float]) -> dict[s
         return means
     keys = sorted(means)
     values = accelerator.gather(torch.tensor([means[k] for k in keys], device=accelerator.device).unsqueeze(0))
-    return dict(zip(keys, values.mean(0).tolist()))
+    return dict(zip(keys, values.mean(0).tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -220,8 +220,8 @@ def adapter_base_model(adapter_dir: Path) -> str:
 def ensure_default_sft_model(accelerator: Accelerator) -> Path:
     """The built-in DPO demo starts from an SFT model trained on the bundled chat data; train it once, cache it.
 
-    Equivalent to: python train.py --method sft --output_dir ~/.cache/nanopost/default-sft (plus the demo's
-    settings in `DEFAULT_SFT_FLAGS`).
+    Equivalent to: python train.py --method sft --output_dir ~/.cache/nanopost/default-sft (the built-in model's
+    settings come from engine.config.BUILTIN_MODEL_DEFAULTS).
     """
     folder = default_cache_dir() / "default-sft"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -239,13 +239,10 @@ def ensure_default_sft_model(accelerator: Accelerator) -> Path:
         from engine.config import parse_config
         from engine.loop import train
 
-        train(parse_config(["--method", "sft", "--output_dir", str(folder), *DEFAULT_SFT_FLAGS]))
+        train(parse_config(["--method", "sft", "--output_dir", str(folder)]))
     accelerator.wait_for_everyone()
     return folder
 
-
-# The settings of the cached demo SFT model (also what the README's SFT command uses).
-DEFAULT_SFT_FLAGS: list[str] = []
 
 
 def load_datasets(config: TrainConfig):

@@ -232,8 +232,8 @@ def test_chat_data_rows():
 
 
 def test_preference_data_rows():
-    """1400 train pairs (700 prompts x one rejected per style) / 200 test pairs; chosen scores 1 and rejected 0
-    under the demo rule; no held-out operand pair (in either order) is in any training file."""
+    """1400 train pairs (700 prompts x one rejected per style) / 200 test pairs; chosen scores 1 and rejected 0.5
+    (a wrong equation: format only) or 0 (a wrong terse answer) under the demo rule; no held-out operand pair (in either order) is in any training file."""
     counts = {"train": 1400, "test": 200}
     operands = {}
     for split, n in counts.items():
@@ -245,7 +245,8 @@ def test_preference_data_rows():
             assert [m["role"] for m in row["prompt"]] == ["system", "user"]
             assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
             assert score(row["prompt"], row["chosen"][0]["content"]) == 1.0
-            assert score(row["prompt"], row["rejected"][0]["content"]) == 0.0
+            rejected = row["rejected"][0]["content"]
+            assert score(row["prompt"], rejected) == (0.0 if rejected.startswith("The answer is") else 0.5)
         operands[split] = {unordered_operands(row["prompt"][1]["content"]) for row in rows}
         terse = sum(row["rejected"][0]["content"].startswith("The answer is") for row in rows)
         # Train: exactly one terse rejected per prompt; test: style drawn at random (about half).
@@ -302,10 +303,12 @@ PROMPT = [{"role": "system", "content": "/no_think"}, {"role": "user", "content"
         ("17 + 25 = 42.<|im_end|>\n", 1.0),  # decoded with special tokens: cut at the end of turn
         ("<think>\n\n</think>\n17 + 25 = 42.", 1.0),  # a leading think block is ignored
         ("<think>\n7 + 5 = 12.\n</think>\n17 + 25 = 42.", 1.0),
-        ("17 + 25 = 43.", 0.0),  # off by one
-        ("The answer is 42.", 0.0),  # right number, dispreferred style
-        ("17 + 25 = 42. 17 + 25 = 42.", 0.0),  # did not stop
-        ("17 + 25 = 42", 0.0),  # missing the final period
+        ("17 + 25 = 43.", 0.5),  # off by one: format only
+        ("The answer is 42.", 0.5),  # right number, dispreferred style: correct only
+        ("The answer is 43.", 0.0),  # neither
+        ("25 + 17 = 42.", 0.5),  # correct, but does not restate the question
+        ("17 + 25 = 42. 17 + 25 = 42.", 0.5),  # correct, but did not stop
+        ("17 + 25 = 42", 0.5),  # correct, missing the final period
         ("", 0.0),
     ],
 )
@@ -328,7 +331,7 @@ def test_win_rate():
     everywhere against a reference wrong everywhere scores 1.0."""
     prompts = [f"What is {a} + 1?" for a in (1, 2, 3, 4)]
     right = [f"{a} + 1 = {a + 1}." for a in (1, 2, 3, 4)]
-    wrong = [f"{a} + 1 = 0." for a in (1, 2, 3, 4)]
+    wrong = [f"The answer is {a}." for a in (1, 2, 3, 4)]
     policy = [right[0], wrong[1], right[2], wrong[3]]
     reference = [wrong[0], right[1], right[2], wrong[3]]
     assert win_rate(policy, reference, prompts) == 0.5

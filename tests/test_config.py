@@ -12,14 +12,17 @@ def test_method_defaults_follow_trl():
     dpo = parse_config(["--method", "dpo", "--model_name_or_path", "some/model"])
     assert sft.learning_rate == 2e-5 and sft.loss_type == ["nll"] and sft.output_dir == "output/sft"
     assert dpo.learning_rate == 1e-6 and dpo.loss_type == ["sigmoid"] and dpo.beta == 0.1
-    assert sft.eval_steps == sft.logging_steps == 10
+    assert sft.eval_steps is None and sft.logging_steps == 10  # evaluate at the end only (TRL: eval_strategy "no")
 
 
 def test_builtin_model_defaults():
-    """With no --model_name_or_path the demo's tiny models need larger steps: sft 1e-3, dpo 1e-5."""
-    assert parse_config(["--method", "sft"]).learning_rate == 1e-3
-    assert parse_config(["--method", "dpo"]).learning_rate == 1e-5
+    """With no --model_name_or_path the demo's tiny models get their own defaults (BUILTIN_MODEL_DEFAULTS), for
+    every flag not given; a given flag, or a named model, keeps the user's / TRL's value."""
+    sft = parse_config(["--method", "sft"])
+    assert (sft.learning_rate, sft.per_device_train_batch_size, sft.assistant_only_loss) == (2e-3, 32, True)
+    assert parse_config(["--method", "dpo"]).learning_rate == 3e-5
     assert parse_config(["--method", "sft", "--learning_rate", "2e-5"]).learning_rate == 2e-5
+    assert parse_config(["--method", "sft", "--per_device_train_batch_size", "4"]).per_device_train_batch_size == 4
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -382,7 +382,6 @@ def test_sft_lora_dropout_masks_match_trl(workdir, tokenizer, tokenizer_dir, smo
     (layer by layer, q_proj before v_proj, on the adapter input only), and gradient checkpointing's recompute
     replays the same masks, as in TRL.
     """
-    from transformers import set_seed
 
     dropout = 0.1
     trl_run, trl_rng = run_trl_sft_peft(
