@@ -1,0 +1,62 @@
+"""--precompute_ref_log_probs: computed once, stored on disk, reused by the next run, and refused when stale.
+
+TRL users hit precomputed reference log-probs that were silently ignored or stale (loss stuck at ln 2 = 0.6931).
+Here the cache file carries fingerprints of the reference weights and of the tokenized data; a run whose model or
+data changed under the same names stops with a message instead of training against the wrong reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from transformers import AutoTokenizer
+
+from data.defaults import DEFAULT_TOKENIZER_DIR
+from engine.config import parse_config
+from engine.errors import UserError
+from engine.loop import train
+from engine.model import build_tiny_smollm3
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precompute")
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
+    model = build_tiny_smollm3(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rows = [{"prompt": f"What is {i} + 3?", "chosen": f" {i + 3}.", "rejected": f" {i + 4}."} for i in range(8)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def run(root, *extra):
+    return train(parse_config([
+        "--method", "dpo", "--model_name_or_path", str(root / "model"), "--dataset_name", str(root / "pairs.jsonl"),
+        "--output_dir", str(root / "out"), "--precompute_ref_log_probs", "--bf16", "False", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "0",
+        "--disable_tqdm", *extra]))
+
+
+def test_computed_once_then_reused_then_stale_refused(workspace, capsys):
+    first = run(workspace)
+    cache_files = list((workspace / "out").glob("ref_logps-*.pt"))
+    assert len(cache_files) == 1
+    assert "precomputed reference log-probs for 8 pairs" in capsys.readouterr().out
+    # Step 1: policy == reference, so the loss is exactly ln 2; step 2 has moved away from it (the reference
+    # log-probs are really used, not silently zero: then the loss would not start at ln 2 for a random model).
+    assert first.logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first.logs[0]["rewards/accuracies"] == 0.0
+    assert first.logs[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)
+
+    second = run(workspace)
+    assert "reusing precomputed reference log-probs" in capsys.readouterr().out
+    assert [r["loss"] for r in second.logs] == [r["loss"] for r in first.logs]  # same reference, same numbers
+
+    # Same file name, new content: the tokenized data no longer matches the cached log-probs.
+    path = workspace / "pairs.jsonl"
+    path.write_text(path.read_text().replace(" 4.", " 40."))
+    with pytest.raises(UserError, match="stale.*data changed.*delete that file"):
+        run(workspace)
