@@ -18,3 +18,21 @@ import torch  # noqa: E402
 # One thread: these tiny models gain nothing from two, and one is immune to a busy second core.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer, hidden-32 SmolLM3 with the shipped tokenizer, saved as a from_pretrained folder."""
+    from transformers import AutoTokenizer
+
+    from data.defaults import DEFAULT_TOKENIZER_DIR
+    from engine.model import build_tiny_smollm3
+
+    folder = tmp_path_factory.mktemp("tiny_model") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
+    build_tiny_smollm3(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

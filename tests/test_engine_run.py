@@ -12,22 +12,17 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.defaults import DEFAULT_TOKENIZER_DIR
 from engine.config import parse_config
 from engine.loop import train
-from engine.model import build_tiny_smollm3
 
 REPO = Path(__file__).resolve().parents[1]
 TRL_SFT_KEYS = {"step", "epoch", "loss", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy", "num_tokens"}
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("engine_run")
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
-    model = build_tiny_smollm3(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     rows = [{"messages": [{"role": "user", "content": f"Count to {i}."},
                           {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 2))}]}
             for i in range(12)]

@@ -11,22 +11,16 @@ import json
 import math
 
 import pytest
-from transformers import AutoTokenizer
 
-from data.defaults import DEFAULT_TOKENIZER_DIR
 from engine.config import parse_config
 from engine.errors import UserError
 from engine.loop import train
-from engine.model import build_tiny_smollm3
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("precompute")
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_TOKENIZER_DIR)
-    model = build_tiny_smollm3(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
     rows = [{"prompt": f"What is {i} + 3?", "chosen": f" {i + 3}.", "rejected": f" {i + 4}."} for i in range(8)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
