@@ -59,6 +59,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from data.common import common_prefix_length
 from engine.errors import UserError
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -216,8 +217,8 @@ def prepare_dpo_dataset(
         # The completion starts where the tokenized prompt and prompt+completion diverge, which is earlier than
         # len(prompt_ids) when a token merges across the boundary or the template renders the prompt differently.
         prompt_len = min(
-            _common_prefix_length(prompt_ids, prompt_chosen_ids),
-            _common_prefix_length(prompt_ids, prompt_rejected_ids),
+            common_prefix_length(prompt_ids, prompt_chosen_ids),
+            common_prefix_length(prompt_ids, prompt_rejected_ids),
         )
         if prompt_len < len(prompt_ids):
             report.prompt_boundary_rows.append(index)
@@ -443,11 +444,3 @@ def _tokenize_conversation(
 
     return encode(prompt, add_generation_prompt=True), encode(prompt + chosen), encode(prompt + rejected)
 
-
-def _common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
-    length = 0
-    for token, other_token in zip(ids, other_ids, strict=False):
-        if token != other_token:
-            break
-        length += 1
-    return length

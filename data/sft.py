@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from data.common import common_prefix_length
 from data.formats import (
     CONVERSATIONAL_FORMATS,
     CONVERSATIONS,
@@ -262,14 +263,6 @@ def _labels(input_ids: list[int], masks: list[list[int]]) -> list[int]:
     return [token if all(bits) else IGNORE_INDEX for token, *bits in zip(input_ids, *masks, strict=True)]
 
 
-def _common_prefix_length(ids: list[int], other: list[int]) -> int:
-    length = 0
-    for token, other_token in zip(ids, other, strict=False):
-        if token != other_token:
-            break
-        length += 1
-    return length
-
 
 # ---------------------------------------------------------------------------------------------------- tokenize
 
@@ -383,7 +376,7 @@ def _prompt_completion_example(
     prompt_ids: list[int], input_ids: list[int], masks: list[list[int]], completion_only_loss: bool,
     report: PrepReport,
 ) -> dict[str, list[int]]:
-    prompt_length = _common_prefix_length(prompt_ids, input_ids)
+    prompt_length = common_prefix_length(prompt_ids, input_ids)
     if prompt_length < len(prompt_ids):
         report.num_prompt_not_prefix += 1
     if completion_only_loss:
