@@ -51,7 +51,8 @@ class DPOMethod:
         # β·(logp − ref logp); only a truly reference-free preference loss (simpo, orpo) skips it.
         self.reference_free = not needs_reference(self.loss_types) and set(self.loss_types) != {"sft"}
         self.ref_model = None
-        self.ref_logps: dict[int, tuple[float, float]] | None = None
+        self.ref_logps: dict[int, tuple[float, float]] | None = None  # precomputed, training split
+        self.eval_ref_logps: dict[int, tuple[float, float]] | None = None  # precomputed, held-out split
         self.eval_examples = None
 
     # ------------------------------------------------------------------ data
@@ -99,6 +100,8 @@ class DPOMethod:
                 self.ref_model.gradient_checkpointing_disable()
         if config.precompute_ref_log_probs:
             self.ref_logps = self._precomputed_ref_logps(model, train_examples, accelerator)
+            if self.eval_examples:  # the held-out split's reference too, before the copy is freed (not cached)
+                self.eval_ref_logps = self._reference_logps_of(model, self.eval_examples, accelerator)
             self.ref_model = None  # not needed any more: free its memory
         return model
 
@@ -137,9 +140,21 @@ class DPOMethod:
             if accelerator.is_main_process:
                 print(f"[nanopost] reusing precomputed reference log-probs from {path}", flush=True)
             return saved["logps"]
+        logps = self._reference_logps_of(model, examples, accelerator)
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
+            tmp.replace(path)
+            print(f"[nanopost] precomputed reference log-probs for {len(logps)} pairs -> {path}", flush=True)
+        return logps
+
+    def _reference_logps_of(self, model, examples, accelerator) -> dict[int, tuple[float, float]]:
+        """Reference (chosen, rejected) log-prob sums of every example, keyed by its index, in one unshuffled pass
+        (every process computes the same)."""
         logps: dict[int, tuple[float, float]] = {}
-        batch_size = config.precompute_ref_batch_size or config.per_device_train_batch_size  # TRL's choice
-        for start in range(0, len(examples), batch_size):  # unshuffled, every process computes the same
+        batch_size = self.config.precompute_ref_batch_size or self.config.per_device_train_batch_size  # as TRL
+        for start in range(0, len(examples), batch_size):
             batch = self.collate(examples[start : start + batch_size])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
@@ -147,12 +162,6 @@ class DPOMethod:
             chosen, rejected = sums.float().chunk(2)
             for index, c, r in zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist(), strict=True):
                 logps[index] = (c, r)
-        if accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
-            tmp.replace(path)
-            print(f"[nanopost] precomputed reference log-probs for {len(logps)} pairs -> {path}", flush=True)
         return logps
 
     # ------------------------------------------------------------------ loss
@@ -174,8 +183,8 @@ class DPOMethod:
         chosen_logps, rejected_logps = sums.chunk(2)  # (B,), (B,)
         if self.reference_free:
             ref_chosen = ref_rejected = None
-        elif self.ref_logps is not None and train:
-            pairs = torch.tensor([self.ref_logps[i] for i in batch["index"].tolist()], device=sums.device)
+        elif (table := self.ref_logps if train else self.eval_ref_logps) is not None:
+            pairs = torch.tensor([table[i] for i in batch["index"].tolist()], device=sums.device)
             ref_chosen, ref_rejected = pairs[:, 0].to(sums.dtype), pairs[:, 1].to(sums.dtype)
         else:
             ref_chosen, ref_rejected = self._reference_forward(model, batch).chunk(2)

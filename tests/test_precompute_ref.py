@@ -54,3 +54,27 @@ def test_computed_once_then_reused_then_stale_refused(workspace, capsys):
     path.write_text(path.read_text().replace(" 4.", " 40."))
     with pytest.raises(UserError, match="stale.*data changed.*delete that file"):
         run(workspace)
+
+
+def test_evaluation_uses_the_reference_too(workspace):
+    """With precomputed log-probs the reference copy is freed; evaluation must still compare against the
+    reference (its held-out log-probs are computed before the copy goes), not against the policy itself — which
+    would make every eval reward exactly 0. Expected: the same eval metrics as a run without precomputation."""
+    folder = workspace / "split"
+    folder.mkdir(exist_ok=True)
+    rows = [{"prompt": f"What is {i} + 5?", "chosen": f" {i + 5}.", "rejected": f" {i + 7}."} for i in range(12)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
+
+    def eval_record(out: str, *extra: str) -> dict:
+        result = train(parse_config([
+            "--method", "dpo", "--model_name_or_path", str(workspace / "model"), "--dataset_name", str(folder),
+            "--output_dir", str(workspace / out), "--bf16", "False", "--max_steps", "2", "--learning_rate", "1e-3",
+            "--per_device_train_batch_size", "4", "--save_steps", "0", "--disable_tqdm", *extra]))
+        return next(r for r in result.logs if "eval_loss" in r)
+
+    with_precompute = eval_record("eval_pre", "--precompute_ref_log_probs")
+    without = eval_record("eval_live")
+    assert with_precompute["eval_rewards/margins"] != 0.0
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert with_precompute[key] == pytest.approx(without[key], rel=1e-5, abs=1e-7), key
