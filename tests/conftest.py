@@ -36,3 +36,20 @@ def tiny_model_dir(tmp_path_factory):
     build_tiny_smollm3(tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """The tokenizer the TRL-parity tests use on both sides (the shipped one; see tests/trl_harness.py).
+    Files that need another tokenizer define their own `tokenizer` fixture, which takes precedence."""
+    from tests.trl_harness import load_or_build_tokenizer
+
+    return load_or_build_tokenizer(tmp_path_factory.mktemp("tokenizer_build"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    """`tokenizer` saved with save_pretrained, for --tokenizer_name_or_path."""
+    folder = tmp_path_factory.mktemp("tokenizer") / "saved"
+    tokenizer.save_pretrained(str(folder))
+    return folder

@@ -10,25 +10,16 @@ review the printed diff, commit the JSON files with the change.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.script_modules import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script(name: str):
-    """Import scripts/<name>.py as module `name` (once; scripts/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 golden = load_script("golden")

@@ -8,12 +8,10 @@ tokens decode to the templated prompt; padding is `<|pad|>` at the end of a row.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,20 +19,12 @@ import pytest
 from data.defaults import DEFAULT_DPO_DATASET, DEFAULT_SFT_DATASET, DEFAULT_TOKENIZER_DIR
 from engine.config import parse_config
 from engine.loop import epoch_order
+from tests.script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 END_OF_TURN = "<|im_end|>\n"
 LN_VOCAB = math.log(1024)  # the shipped tokenizer has 1024 tokens
 
-
-def load_script(name: str):
-    """Import scripts/<name>.py as module `name` (once; scripts/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 inspect_batch = load_script("inspect_batch")

@@ -29,7 +29,7 @@ from engine.errors import UserError
 from engine.loop import train
 from engine.sft import SFTMethod
 from lora import lora_parameters
-from tests.trl_harness import load_or_build_tokenizer, make_tiny_model_dir
+from tests.trl_harness import make_tiny_model_dir
 
 SEED = 42
 WORDS = ["hello", "world", "good", "morning", "night", "blue", "red", "colour", "two", "four", "fox", "dog"]
@@ -88,11 +88,6 @@ def max_rel(ours: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lora_training")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(workdir):
-    return load_or_build_tokenizer(workdir)
 
 
 @pytest.fixture(scope="module")

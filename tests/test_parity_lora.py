@@ -45,7 +45,7 @@ from engine.dpo import DPOMethod
 from engine.loop import train
 from engine.sft import SFTMethod
 from lora import lora_parameters
-from tests.trl_harness import TrlRun, load_or_build_tokenizer, make_tiny_model_dir, run_trl_dpo
+from tests.trl_harness import TrlRun, make_tiny_model_dir, run_trl_dpo
 
 REL_TOL = 1e-5
 SEED = 42
@@ -261,18 +261,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("parity_lora")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(workdir):
-    return load_or_build_tokenizer(workdir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(workdir, tokenizer) -> Path:
-    folder = workdir / "tokenizer_saved"
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

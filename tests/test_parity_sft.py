@@ -55,7 +55,6 @@ from engine.loop import epoch_order, train
 from engine.sft import SFTMethod
 from tests.trl_harness import (
     TrlRun,
-    load_or_build_tokenizer,
     make_tiny_model_dir,
     run_trl_sft,
     trl_sample_order,
@@ -188,18 +187,6 @@ CASES = {
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("parity_sft")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(workdir):
-    return load_or_build_tokenizer(workdir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(workdir, tokenizer) -> Path:
-    folder = workdir / "tokenizer_saved"
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ Checks:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,21 +29,13 @@ import engine.sft
 import tests.test_losses_golden as values
 import tests.test_losses_vs_trl as vs_trl
 from losses import LOSSES, LossOptions
+from tests.script_modules import load_script
 from tests.test_losses_vs_trl import dpo_inputs, models  # noqa: F401  (fixtures for the TRL parity checks)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FACTOR = 1.001
 PERTURBATIONS = ("beta", "scale")
 
-
-def load_script(name: str):
-    """Import scripts/<name>.py as module `name` (once; scripts/ is not a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 golden = load_script("golden")

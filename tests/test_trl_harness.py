@@ -18,7 +18,6 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from tests.trl_harness import (
-    load_or_build_tokenizer,
     make_tiny_model_dir,
     run_trl_dpo,
     run_trl_sft,
@@ -53,11 +52,6 @@ def _dpo_rows(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("trl_harness")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(workdir):
-    return load_or_build_tokenizer(workdir)
 
 
 @pytest.fixture(scope="module")
