@@ -92,17 +92,19 @@ class DPOMethod:
                                         attn_implementation=config.attn_implementation,
                                         what="--ref_model_name_or_path")
             disable_dropout(self.ref_model)
-        elif not config.use_peft:
+        elif not config.use_peft and not config.precompute_ref_log_probs:
             self.ref_model = copy.deepcopy(model)  # the starting weights, frozen, in memory
+        # With --precompute_ref_log_probs and no other reference, the policy still holds the starting weights
+        # here: it scores itself once below, so no copy of the model is ever made.
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False).eval().to(accelerator.device)
             if hasattr(self.ref_model, "gradient_checkpointing_disable"):
                 self.ref_model.gradient_checkpointing_disable()
         if config.precompute_ref_log_probs:
             self.ref_logps = self._precomputed_ref_logps(model, train_examples, accelerator)
-            if self.eval_examples:  # the held-out split's reference too, before the copy is freed (not cached)
+            if self.eval_examples:  # the held-out split's reference too, while it is at hand (not cached)
                 self.eval_ref_logps = self._reference_logps_of(model, self.eval_examples, accelerator)
-            self.ref_model = None  # not needed any more: free its memory
+            self.ref_model = None  # an explicit reference model is not needed any more: free its memory
         return model
 
     def _reference_forward(self, model, batch: dict[str, Tensor]):
@@ -112,6 +114,8 @@ class DPOMethod:
         with torch.no_grad():
             if self.ref_model is not None:
                 return self._sequence_logps(self.ref_model, batch)[0]
+            if not self.config.use_peft:  # the precompute pass, before step 1: the policy is the starting model
+                return self._sequence_logps(model, batch)[0]
             with disable_adapters(self.accelerator.unwrap_model(model)):
                 return self._sequence_logps(model, batch)[0]
 
