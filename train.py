@@ -17,7 +17,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import UserError
+    from engine.errors import USER_ERRORS
 
     try:
         from engine.config import parse_config
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.loop import train
 
         train(config)
-    except UserError as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.errors import UserError
+from data.errors import DataError
 
 REF_LOGPS_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 """Per-example precomputed reference log-probs (TRL's column names), passed through as `(B,)` tensors."""
@@ -55,9 +55,9 @@ def collate_dpo(
     if not examples:
         raise ValueError("collate_dpo needs at least one example")
     if truncation_mode not in ("keep_start", "keep_end"):
-        raise UserError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+        raise DataError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
     if max_length is not None and max_length < 1:
-        raise UserError(f"max_length must be a positive integer or None, got {max_length!r}")
+        raise DataError(f"max_length must be a positive integer or None, got {max_length!r}")
 
     sequences: list[list[int]] = []  # 2B token lists, chosen block first
     prompt_lengths: list[int] = []  # prompt tokens at the start of each sequence (before truncation)
@@ -100,13 +100,13 @@ def resolve_pad_token_id(tokenizer: Any) -> int:
     """The pad id TRL's DPOTrainer uses: the tokenizer's pad token, else its EOS token.
 
     Raises:
-        UserError: the tokenizer has neither, or the chosen token is not in its vocabulary.
+        DataError: the tokenizer has neither, or the chosen token is not in its vocabulary.
     """
     pad_token = tokenizer.pad_token or tokenizer.eos_token
     if pad_token is None:
-        raise UserError("the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token")
+        raise DataError("the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token")
     if pad_token not in tokenizer.get_vocab():
-        raise UserError(
+        raise DataError(
             f"the tokenizer's pad token {pad_token!r} is not in its vocabulary; set tokenizer.pad_token"
         )
     return tokenizer.convert_tokens_to_ids(pad_token)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from engine.errors import UserError
+from data.errors import DataError
 
 PROBLEM_RE = re.compile(r"(\d+)\s*([+-])\s*(\d+)")
 THINK_BLOCK_RE = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
@@ -36,7 +36,7 @@ def prompt_text(prompt: Prompt) -> str:
         return prompt
     user_turns = [m["content"] for m in prompt if m.get("role") == "user"]
     if not user_turns:
-        raise UserError(f"demo_rule: prompt {list(prompt)!r} has no user message; pass the prompt's messages")
+        raise DataError(f"demo_rule: prompt {list(prompt)!r} has no user message; pass the prompt's messages")
     return user_turns[-1]
 
 
@@ -49,7 +49,7 @@ def expected_answer(prompt: Prompt) -> str:
     text = prompt_text(prompt)
     matches = PROBLEM_RE.findall(text)
     if not matches:
-        raise UserError(
+        raise DataError(
             f"demo_rule: no 'a + b' or 'a - b' problem in prompt {text!r}; the rule only judges the bundled "
             "arithmetic prompts (data/bundled/preference)"
         )
@@ -104,7 +104,7 @@ def win_rate(
     """
     n = len(prompts)
     if n == 0 or len(policy_completions) != n or len(reference_completions) != n:
-        raise UserError(
+        raise DataError(
             f"demo_rule.win_rate: need the same non-zero number of prompts ({n}), policy completions "
             f"({len(policy_completions)}) and reference completions ({len(reference_completions)})"
         )

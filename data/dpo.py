@@ -38,7 +38,7 @@ What TRL does, and we do the same (the ids are identical for every row TRL accep
   are removed because they would keep no completion token. TRL drops them silently; we list them in
   `PrepReport.dropped_prompt_too_long` (the caller decides to warn or fail) and raise if every row goes.
 
-Where we are stricter than TRL (each is a `UserError` naming the row, the field and the fix):
+Where we are stricter than TRL (each is a `DataError` naming the row, the field and the fix):
 - missing `chosen`/`rejected` columns, rows that mix text and message formats, a `prompt` message list with
   text completions;
 - empty or whitespace-only text, non-string message content (empty content is allowed only on messages
@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data.common import common_prefix_length
-from engine.errors import UserError
+from data.errors import DataError
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 """Message roles accepted in conversational rows; anything else is most likely a mislabelled column."""
@@ -160,26 +160,26 @@ def prepare_dpo_dataset(
         The prepared examples (untruncated, in input order minus removed rows) and a `PrepReport`.
 
     Raises:
-        UserError: for any bad row or setting, naming the row index, the field and the fix.
+        DataError: for any bad row or setting, naming the row index, the field and the fix.
     """
     if truncation_mode not in TRUNCATION_MODES:
-        raise UserError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+        raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if max_length is not None and (
         isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
     ):
-        raise UserError(f"max_length must be a positive integer or None, got {max_length!r}")
+        raise DataError(f"max_length must be a positive integer or None, got {max_length!r}")
 
     rows = list(dataset)
     if not rows:
-        raise UserError("the preference dataset has no rows")
+        raise DataError("the preference dataset has no rows")
     conversational, prompt_source = _detect_schema(rows[0])
     if conversational and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
+        raise DataError(
             "the preference data is conversational (lists of messages) but the tokenizer has no chat template; "
             "use a tokenizer with one (e.g. an instruct model's) or set tokenizer.chat_template"
         )
     if not conversational and not getattr(tokenizer, "eos_token", None):
-        raise UserError(
+        raise DataError(
             "the tokenizer has no eos_token, which plain-text preference data needs to end chosen/rejected; "
             "set tokenizer.eos_token"
         )
@@ -229,7 +229,7 @@ def prepare_dpo_dataset(
         }
         for name in ("chosen", "rejected"):
             if not example[f"{name}_ids"]:
-                raise UserError(
+                raise DataError(
                     f"row {index}, field '{name}': the completion renders to no tokens after the prompt; check the "
                     "chat template renders assistant messages"
                 )
@@ -251,11 +251,11 @@ def prepare_dpo_dataset(
 
     if not examples:
         if report.dropped_prompt_too_long:
-            raise UserError(
+            raise DataError(
                 f"all {report.num_rows - len(report.skipped_identical)} preference rows have a prompt of >= "
                 f"max_length={max_length} tokens, so none keeps a completion token; raise --max_length"
             )
-        raise UserError(f"no preference row is left: all {report.num_rows} rows have chosen == rejected")
+        raise DataError(f"no preference row is left: all {report.num_rows} rows have chosen == rejected")
     return examples, report
 
 
@@ -287,10 +287,10 @@ def extract_implicit_prompt(chosen: Sequence, rejected: Sequence) -> tuple[Seque
 def _detect_schema(first_row: Mapping[str, Any]) -> tuple[bool, PromptSource]:
     """Decide (conversational, prompt source) from the first row's columns and value types."""
     if not isinstance(first_row, Mapping):
-        raise UserError(f"row 0 is a {type(first_row).__name__}, expected a mapping of column name to value")
+        raise DataError(f"row 0 is a {type(first_row).__name__}, expected a mapping of column name to value")
     missing = [name for name in ("chosen", "rejected") if name not in first_row]
     if missing:
-        raise UserError(
+        raise DataError(
             f"the preference dataset has no {' / '.join(repr(m) for m in missing)} column (columns found: "
             f"{sorted(first_row)}); accepted schemas: {ACCEPTED_SCHEMAS}"
         )
@@ -308,43 +308,43 @@ def _is_message_list(value: Any) -> bool:
 
 def _check_text(index: int, name: str, value: Any) -> str:
     if _is_message_list(value):
-        raise UserError(
+        raise DataError(
             f"row {index}, field '{name}': is a message list but row 0 is plain text; use one format for the "
             "whole dataset"
         )
     if not isinstance(value, str):
-        raise UserError(f"row {index}, field '{name}': expected a string, got {type(value).__name__}")
+        raise DataError(f"row {index}, field '{name}': expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise UserError(f"row {index}, field '{name}': is empty; remove the row or fill it in")
+        raise DataError(f"row {index}, field '{name}': is empty; remove the row or fill it in")
     return value
 
 
 def _check_messages(index: int, name: str, value: Any) -> list[Mapping[str, Any]]:
     if isinstance(value, str):
-        raise UserError(
+        raise DataError(
             f"row {index}, field '{name}': is plain text but the dataset is conversational (message lists); use one "
             "format for the whole dataset"
         )
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else type(value).__name__
-        raise UserError(f"row {index}, field '{name}': expected a non-empty list of messages, got {got}")
+        raise DataError(f"row {index}, field '{name}': expected a non-empty list of messages, got {got}")
     for position, message in enumerate(value):
         where = f"row {index}, field '{name}', message {position}"
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise UserError(
+            raise DataError(
                 f"{where}: expected a {{'role': ..., 'content': ...}} mapping, got {message!r:.80}"
             )
         role, content = message["role"], message["content"]
         if role not in KNOWN_ROLES:
-            raise UserError(f"{where}: unknown role {role!r}; use one of {sorted(KNOWN_ROLES)}")
+            raise DataError(f"{where}: unknown role {role!r}; use one of {sorted(KNOWN_ROLES)}")
         if message.get("tool_calls") and (content is None or content == ""):
             continue  # an assistant turn that only calls tools has no text
         if not isinstance(content, str):
-            raise UserError(
+            raise DataError(
                 f"{where}: content must be a string, got {type(content).__name__} (multimodal content is not supported)"
             )
         if not content.strip():
-            raise UserError(f"{where}: content is empty; remove the message or fill it in")
+            raise DataError(f"{where}: content is empty; remove the message or fill it in")
     return value
 
 
@@ -354,11 +354,11 @@ def _split_row(
     """Validate one row; return (prompt, chosen, rejected) with EOS added to text completions, None if chosen == rejected."""
     if not isinstance(row, Mapping) or "chosen" not in row or "rejected" not in row:
         columns = sorted(row) if isinstance(row, Mapping) else type(row).__name__
-        raise UserError(
+        raise DataError(
             f"row {index}: needs 'chosen' and 'rejected' (found {columns}); accepted: {ACCEPTED_SCHEMAS}"
         )
     if (prompt_source == "extracted") != ("prompt" not in row):
-        raise UserError(
+        raise DataError(
             f"row {index}: {'has' if 'prompt' in row else 'lacks'} a 'prompt' field unlike row 0; every row needs "
             "the same columns"
         )
@@ -366,11 +366,11 @@ def _split_row(
     chosen, rejected = check(index, "chosen", row["chosen"]), check(index, "rejected", row["rejected"])
     if prompt_source == "column":
         if conversational and isinstance(row["prompt"], str):
-            raise UserError(
+            raise DataError(
                 f"row {index}, field 'prompt': is text but row 0's prompt is a message list; use one format"
             )
         if not conversational and _is_message_list(row["prompt"]):
-            raise UserError(
+            raise DataError(
                 f"row {index}, field 'prompt': is a message list but chosen/rejected are plain text; give all three "
                 "as messages or all three as text"
             )
@@ -380,14 +380,14 @@ def _split_row(
     if prompt_source != "column":
         prompt, chosen, rejected = extract_implicit_prompt(chosen, rejected)
         if not prompt:
-            raise UserError(
+            raise DataError(
                 f"row {index}: chosen and rejected share no leading {'message' if conversational else 'text'}, so no "
                 "prompt can be extracted; add a 'prompt' column"
             )
     if conversational:
         for name, completion in (("chosen", chosen), ("rejected", rejected)):
             if completion[0]["role"] != "assistant":
-                raise UserError(
+                raise DataError(
                     f"row {index}, field '{name}': the completion after the prompt starts with a "
                     f"{completion[0]['role']!r} message, expected 'assistant'; if chosen/rejected hold the whole "
                     "conversation, drop the 'prompt' column (the prompt is then extracted)"
@@ -399,9 +399,9 @@ def _split_row(
     return prompt, chosen, rejected
 
 
-def _identical_error(index: int, after_tokenization: bool = False) -> UserError:
+def _identical_error(index: int, after_tokenization: bool = False) -> DataError:
     how = "tokenize to the same ids" if after_tokenization else "are identical"
-    return UserError(
+    return DataError(
         f"row {index}: chosen and rejected {how}, so the pair carries no preference; remove the row "
         "(or pass skip_identical_pairs=True to skip such rows)"
     )
@@ -427,12 +427,12 @@ def _tokenize_conversation(
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as error:
-            raise UserError(
+            raise DataError(
                 f"row {index}, field 'tools': not valid JSON ({error}); give a list of tool schemas"
             ) from error
     template_kwargs = row.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, Mapping):
-        raise UserError(
+        raise DataError(
             f"row {index}, field 'chat_template_kwargs': expected a mapping, got {type(template_kwargs).__name__}"
         )
     kwargs = {"tools": tools, **template_kwargs}

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import UserError
+from data.errors import DataError
 
 TOKENIZED = "tokenized"
 CONVERSATIONS = "conversations"
@@ -76,7 +76,7 @@ def detect_sft_format(column_names: Sequence[str], first_row: dict[str, Any], da
         One of the keys of `SFT_FORMATS`.
 
     Raises:
-        UserError: No known format (the message lists the columns found, the accepted formats and how to map), or
+        DataError: No known format (the message lists the columns found, the accepted formats and how to map), or
             a `prompt` without a `completion`, or a prompt and completion of different kinds.
     """
     columns = list(column_names)
@@ -86,7 +86,7 @@ def detect_sft_format(column_names: Sequence[str], first_row: dict[str, Any], da
         return CONVERSATIONS
     if "prompt" in columns:
         if "completion" not in columns:
-            raise UserError(
+            raise DataError(
                 f"The dataset has a 'prompt' column but no 'completion' column (columns: {columns}). SFT needs both; "
                 "rename the answer column with --dataset_column_map <answer_column>=completion."
             )
@@ -94,7 +94,7 @@ def detect_sft_format(column_names: Sequence[str], first_row: dict[str, Any], da
         completion_is_chat = is_message_list(first_row.get("completion"))
         if prompt_is_chat != completion_is_chat:
             kinds = {True: "a list of messages", False: "text"}
-            raise UserError(
+            raise DataError(
                 f"Row 0: 'prompt' is {kinds[prompt_is_chat]} but 'completion' is {kinds[completion_is_chat]}; both "
                 "must be strings or both lists of {role, content} messages."
             )
@@ -108,7 +108,7 @@ def detect_sft_format(column_names: Sequence[str], first_row: dict[str, Any], da
     preset = suggest_preset(columns)
     if preset is not None:
         hint = f" These columns match the preset '{preset}': pass --dataset_column_map {preset}."
-    raise UserError(
+    raise DataError(
         f"No known SFT format in the dataset columns {columns}. Accepted: {_ACCEPTED}. Map other columns with "
         "--dataset_column_map <column>=<prompt|completion|text|messages> ... or a preset "
         f"({', '.join(sorted(COLUMN_PRESETS))}).{hint}"
@@ -205,7 +205,7 @@ def parse_column_map(spec: dict[str, str] | Sequence[str] | str | None) -> dict[
     (`["question=prompt", "answer=completion"]` or `"question=prompt,answer=completion"`).
 
     Raises:
-        UserError: Unknown preset, a malformed pair, an unknown target column, or a preset mixed with pairs.
+        DataError: Unknown preset, a malformed pair, an unknown target column, or a preset mixed with pairs.
     """
     if spec is None or isinstance(spec, dict):
         return spec
@@ -215,7 +215,7 @@ def parse_column_map(spec: dict[str, str] | Sequence[str] | str | None) -> dict[
         return None
     if len(parts) == 1 and "=" not in parts[0]:
         if parts[0] not in COLUMN_PRESETS:
-            raise UserError(
+            raise DataError(
                 f"--dataset_column_map {parts[0]}: unknown preset; use one of {sorted(COLUMN_PRESETS)} or "
                 "pairs like question=prompt answer=completion."
             )
@@ -224,7 +224,7 @@ def parse_column_map(spec: dict[str, str] | Sequence[str] | str | None) -> dict[
     for part in parts:
         source, sep, target = part.partition("=")
         if not sep or not source.strip() or not target.strip():
-            raise UserError(
+            raise DataError(
                 f"--dataset_column_map: '{part}' is not a source=target pair (e.g. question=prompt); a preset name "
                 "cannot be combined with pairs."
             )
@@ -250,7 +250,7 @@ def normalize_sft_columns(dataset: Any, column_map: dict[str, str] | Sequence[st
         The same kind of object with the mapped columns (a preset drops the columns it consumed).
 
     Raises:
-        UserError: A source column that does not exist (lists the columns), a target that is not an SFT column,
+        DataError: A source column that does not exist (lists the columns), a target that is not an SFT column,
             a rename onto an existing column, or a row missing a preset's column.
     """
     column_map = parse_column_map(column_map)
@@ -262,7 +262,7 @@ def normalize_sft_columns(dataset: Any, column_map: dict[str, str] | Sequence[st
         preset = COLUMN_PRESETS[column_map]
         missing = [column for column in preset.required if column not in columns]
         if missing:
-            raise UserError(
+            raise DataError(
                 f"--dataset_column_map {column_map} needs the columns {list(preset.required)}, but {missing} are "
                 f"missing (columns: {columns})."
             )
@@ -270,7 +270,7 @@ def normalize_sft_columns(dataset: Any, column_map: dict[str, str] | Sequence[st
         def apply(row: dict[str, Any], index: int) -> dict[str, Any]:
             for column in preset.required:
                 if not isinstance(row[column], str) or not row[column].strip():
-                    raise UserError(
+                    raise DataError(
                         f"Row {index}: field '{column}' must be a non-empty string for preset '{column_map}' "
                         f"(got {row[column]!r}); fix or remove the row."
                     )
@@ -288,14 +288,14 @@ def normalize_sft_columns(dataset: Any, column_map: dict[str, str] | Sequence[st
 
     for source, target in column_map.items():
         if source not in columns:
-            raise UserError(f"--dataset_column_map {source}={target}: no column '{source}' (columns: {columns}).")
+            raise DataError(f"--dataset_column_map {source}={target}: no column '{source}' (columns: {columns}).")
         if target not in TARGET_COLUMNS:
-            raise UserError(
+            raise DataError(
                 f"--dataset_column_map {source}={target}: '{target}' is not an SFT column; use one of "
                 f"{list(TARGET_COLUMNS)}."
             )
         if target in columns and target not in column_map:
-            raise UserError(
+            raise DataError(
                 f"--dataset_column_map {source}={target}: the dataset already has a '{target}' column; map it "
                 f"elsewhere too or drop it."
             )

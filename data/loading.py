@@ -6,7 +6,7 @@
     load_dataset_splits("trl-lib/Capybara", None)         # Hub id (needs network or the local HF cache)
 
 Local paths always work offline. Anything that is not an existing path but looks like a Hub id (`name` or
-`owner/name`) goes to `datasets.load_dataset`. Every failure is a one-line `UserError` that names the file (and
+`owner/name`) goes to `datasets.load_dataset`. Every failure is a one-line `DataError` that names the file (and
 line, for broken JSON), the splits that exist, or — for the Hub — that it could not be reached and a local path
 works instead.
 """
@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from engine.errors import UserError
+from data.errors import DataError
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 """File suffix -> `datasets` builder for local data files."""
@@ -47,10 +47,10 @@ def load_dataset_splits(
         `(train, test)`: `datasets.Dataset`s; `test` is None when there is no test split.
 
     Raises:
-        UserError: Path not found, empty or broken file, missing split, or Hub unreachable / dataset not found.
+        DataError: Path not found, empty or broken file, missing split, or Hub unreachable / dataset not found.
     """
     if not dataset_name:
-        raise UserError("--dataset_name is empty; pass a local file or folder, or a Hub dataset id.")
+        raise DataError("--dataset_name is empty; pass a local file or folder, or a Hub dataset id.")
     path = Path(dataset_name).expanduser()
     if path.exists():
         requested = {name for name in (train_split, test_split) if name}
@@ -60,18 +60,18 @@ def load_dataset_splits(
         loaders = _hub_split_loaders(dataset_name, dataset_config)
         source = f"Hub dataset '{dataset_name}'" + (f" ({dataset_config})" if dataset_config else "")
     else:
-        raise UserError(
+        raise DataError(
             f"--dataset_name {dataset_name}: no such file or folder (and it is not a Hub id like owner/name)."
         )
 
     if train_split not in loaders:
-        raise UserError(
+        raise DataError(
             f"{source} has no '{train_split}' split (splits: {sorted(loaders) or 'none'}); pick one with "
             "--dataset_train_split."
         )
     train = loaders[train_split]()
     if len(train) == 0:
-        raise UserError(f"{source}: the '{train_split}' split has no rows.")
+        raise DataError(f"{source}: the '{train_split}' split has no rows.")
 
     test = None
     if test_split is not None and test_split != train_split:
@@ -80,7 +80,7 @@ def load_dataset_splits(
             if len(test) == 0:
                 test = None
         elif test_split != "test":
-            raise UserError(
+            raise DataError(
                 f"{source} has no '{test_split}' split (splits: {sorted(loaders)}); pick one with "
                 "--dataset_test_split, or leave it at 'test' to skip evaluation when there is none."
             )
@@ -113,14 +113,14 @@ def _split_of(file: Path, root: Path, split_names: set[str]) -> str | None:
 def _local_split_loaders(path: Path, dataset_config: str | None, requested_splits: set[str]) -> dict:
     if path.is_file():
         if dataset_config:
-            raise UserError(f"--dataset_config {dataset_config} does not apply to a single file ({path}).")
+            raise DataError(f"--dataset_config {dataset_config} does not apply to a single file ({path}).")
         _check_suffix(path)
         return {"train": lambda: _load_files([path])}
 
     if dataset_config:
         if not (path / dataset_config).is_dir():
             configs = sorted(p.name for p in path.iterdir() if p.is_dir())
-            raise UserError(f"--dataset_config {dataset_config}: no such sub-folder in {path} (folders: {configs}).")
+            raise DataError(f"--dataset_config {dataset_config}: no such sub-folder in {path} (folders: {configs}).")
         path = path / dataset_config
 
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -131,7 +131,7 @@ def _local_split_loaders(path: Path, dataset_config: str | None, requested_split
         if file.is_file() and file.suffix.lower() in DATA_FILE_BUILDERS and ".cache" not in file.parts
     )
     if not files:
-        raise UserError(
+        raise DataError(
             f"{path} holds no data files ({', '.join(sorted(DATA_FILE_BUILDERS))}) and is not a save_to_disk folder."
         )
     by_split: dict[str, list[Path]] = {}
@@ -152,7 +152,7 @@ def _saved_split_loaders(path: Path) -> dict:
     try:
         saved = load_from_disk(str(path))
     except Exception as error:
-        raise UserError(f"{path}: could not read this save_to_disk folder ({error}).") from None
+        raise DataError(f"{path}: could not read this save_to_disk folder ({error}).") from None
     if isinstance(saved, Dataset):
         return {"train": lambda: saved}
     assert isinstance(saved, DatasetDict)
@@ -162,7 +162,7 @@ def _saved_split_loaders(path: Path) -> dict:
 def _check_suffix(file: Path) -> str:
     builder = DATA_FILE_BUILDERS.get(file.suffix.lower())
     if builder is None:
-        raise UserError(
+        raise DataError(
             f"{file}: unsupported file type '{file.suffix}'; use one of {', '.join(sorted(DATA_FILE_BUILDERS))}."
         )
     return builder
@@ -173,11 +173,11 @@ def _load_files(files: list[Path]):
 
     builders = {_check_suffix(file) for file in files}
     if len(builders) > 1:
-        raise UserError(f"One split mixes file types ({[str(f) for f in files]}); use one type per split.")
+        raise DataError(f"One split mixes file types ({[str(f) for f in files]}); use one type per split.")
     builder = builders.pop()
     for file in files:
         if file.stat().st_size == 0 or (builder != "parquet" and not file.read_bytes().strip()):
-            raise UserError(f"{file} is empty.")
+            raise DataError(f"{file} is empty.")
     try:
         return load_dataset(builder, data_files=[str(file) for file in files], split="train")
     except Exception as error:
@@ -185,38 +185,38 @@ def _load_files(files: list[Path]):
             for file in files:
                 _raise_json_error(file)
         cause = error.__cause__ or error
-        raise UserError(
+        raise DataError(
             f"Could not read {', '.join(str(f) for f in files)} as {builder}: {type(cause).__name__}: {cause}"
         ) from None
 
 
 def _raise_json_error(file: Path) -> None:
-    """Raise a UserError naming the line of `file` that is not valid JSON rows; return if it looks valid."""
+    """Raise a DataError naming the line of `file` that is not valid JSON rows; return if it looks valid."""
     text = file.read_text(encoding="utf-8", errors="replace")
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as whole_error:
         if text.lstrip().startswith("["):  # a JSON array: the decoder's position is the broken spot
-            raise UserError(
+            raise DataError(
                 f"{file}:{whole_error.lineno}: not valid JSON ({whole_error.msg}, column {whole_error.colno})."
             ) from None
     else:
         if isinstance(whole, list):
             for position, row in enumerate(whole):
                 if not isinstance(row, dict):
-                    raise UserError(f"{file}: item {position} of the top-level list is not an object ({row!r:.60}).")
+                    raise DataError(f"{file}: item {position} of the top-level list is not an object ({row!r:.60}).")
             return
         if not isinstance(whole, dict):
-            raise UserError(f"{file}: expected JSON lines or a list of objects, got a {type(whole).__name__}.")
+            raise DataError(f"{file}: expected JSON lines or a list of objects, got a {type(whole).__name__}.")
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise UserError(f"{file}:{line_number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+            raise DataError(f"{file}:{line_number}: not valid JSON ({error.msg}, column {error.colno}).") from None
         if not isinstance(row, dict):
-            raise UserError(f"{file}:{line_number}: each line must be a JSON object, got {row!r:.60}.")
+            raise DataError(f"{file}:{line_number}: each line must be a JSON object, got {row!r:.60}.")
 
 
 # ---------------------------------------------------------------------------------------------------- Hub
@@ -230,7 +230,7 @@ def _hub_split_loaders(name: str, config: str | None) -> dict:
     try:
         loaded = load_dataset(name, config)
     except DatasetNotFoundError as error:
-        raise UserError(
+        raise DataError(
             f"Dataset '{name}' was not found on the Hub {not_local}: {error}. Check the id, log in for private "
             "datasets, or pass a local file or folder."
         ) from None
@@ -238,12 +238,12 @@ def _hub_split_loaders(name: str, config: str | None) -> dict:
         # huggingface_hub / requests / httpx each have their own connection errors; recognise them by name.
         kind = type(error).__name__
         if isinstance(error, ConnectionError) or any(word in kind for word in ("Connect", "Timeout", "Offline")):
-            raise UserError(
+            raise DataError(
                 f"Could not reach the Hugging Face Hub for dataset '{name}' (offline? {kind}: {error}) {not_local}. "
                 "Pass a local file or folder to --dataset_name instead (e.g. a .jsonl file, or a folder with "
                 "train.jsonl and test.jsonl)."
             ) from None
         if isinstance(error, ValueError):  # e.g. an unknown configuration name, listing the available ones
-            raise UserError(f"Dataset '{name}': {error}") from None
-        raise UserError(f"Could not load Hub dataset '{name}': {kind}: {error}") from None
+            raise DataError(f"Dataset '{name}': {error}") from None
+        raise DataError(f"Could not load Hub dataset '{name}': {kind}: {error}") from None
     return {split: (lambda split=split: loaded[split]) for split in loaded}

@@ -20,7 +20,7 @@ Steps, in TRL's order (`trl/trainer/sft_trainer.py`, `_prepare_dataset`):
    the same seed, using `datasets`' permutation (`numpy.random.default_rng(seed).permutation(n)`).
 
 Where TRL drops rows silently or fails with an obscure error, this module counts and reports the rows
-(`PrepReport`) or raises `UserError` naming the row and the field.
+(`PrepReport`) or raises `DataError` naming the row and the field.
 
 Deliberate differences (each where TRL fails or silently trains on something else):
 
@@ -28,7 +28,7 @@ Deliberate differences (each where TRL fails or silently trains on something els
   unchanged, which renders a `human` turn, and `assistant_only_loss` then finds no assistant).
 - `assistant_only_loss` works on a ShareGPT `conversations` column (TRL checks the row before converting it and
   raises "not conversational"); a `conversations` column with role/content keys is read too (TRL: KeyError).
-- `assistant_only_loss` with a template lacking `{% generation %}` is a UserError (TRL swaps in its own training
+- `assistant_only_loss` with a template lacking `{% generation %}` is a DataError (TRL swaps in its own training
   template for ~30 known model families and raises for any other).
 - Empty text / content, non-string content, unknown roles, `completion_only_loss=True` on data without a
   prompt, and a `labels` column without `input_ids` are UserErrors (TRL trains on a lone EOS, lets the template
@@ -55,7 +55,7 @@ from data.formats import (
     detect_sft_format,
 )
 from data.packing import PACKING_STRATEGIES, pack_examples
-from engine.errors import UserError
+from data.errors import DataError
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -183,19 +183,19 @@ def _end_of_turn_in_assistant_mask(tokenizer) -> bool:
 
 def _check_text(row: dict[str, Any], index: int, field_name: str) -> str:
     if field_name not in row or row[field_name] is None:
-        raise UserError(f"Row {index}: field '{field_name}' is missing; every row needs it (or remove the row).")
+        raise DataError(f"Row {index}: field '{field_name}' is missing; every row needs it (or remove the row).")
     value = row[field_name]
     if not isinstance(value, str):
-        raise UserError(f"Row {index}: field '{field_name}' must be a string, got {type(value).__name__} {value!r}.")
+        raise DataError(f"Row {index}: field '{field_name}' must be a string, got {type(value).__name__} {value!r}.")
     if not value.strip():
-        raise UserError(f"Row {index}: field '{field_name}' is empty; remove the row or fill it in.")
+        raise DataError(f"Row {index}: field '{field_name}' is empty; remove the row or fill it in.")
     return value
 
 
 def _clean_messages(value: Any, index: int, field_name: str, sharegpt: bool) -> list[dict[str, Any]]:
     """Validate one message list; return copies with {role, content} keys and no None values."""
     if not isinstance(value, list) or not value:
-        raise UserError(
+        raise DataError(
             f"Row {index}: field '{field_name}' must be a non-empty list of {{role, content}} messages, "
             f"got {value!r:.80}."
         )
@@ -203,7 +203,7 @@ def _clean_messages(value: Any, index: int, field_name: str, sharegpt: bool) -> 
     for position, message in enumerate(value):
         where = f"Row {index}: {field_name}[{position}]"
         if not isinstance(message, dict):
-            raise UserError(f"{where} must be a {{role, content}} dict, got {type(message).__name__}.")
+            raise DataError(f"{where} must be a {{role, content}} dict, got {type(message).__name__}.")
         message = {key: item for key, item in message.items() if item is not None}
         if "role" not in message and "from" in message:  # ShareGPT keys, as TRL's maybe_convert_to_chatml
             message["role"] = message.pop("from")
@@ -213,25 +213,25 @@ def _clean_messages(value: Any, index: int, field_name: str, sharegpt: bool) -> 
         message.pop("value", None)
         role = message.get("role")
         if role is None:
-            raise UserError(f"{where} has no 'role' (keys: {sorted(message)}); each message needs role and content.")
+            raise DataError(f"{where} has no 'role' (keys: {sorted(message)}); each message needs role and content.")
         if sharegpt and role in SHAREGPT_ROLES:
             role = message["role"] = SHAREGPT_ROLES[role]
         if role not in KNOWN_ROLES:
             extra = " (human/gpt are accepted in a 'conversations' column)" if role in SHAREGPT_ROLES else ""
-            raise UserError(f"{where} has unknown role {role!r}; use one of {list(KNOWN_ROLES)}{extra}.")
+            raise DataError(f"{where} has unknown role {role!r}; use one of {list(KNOWN_ROLES)}{extra}.")
         content = message.get("content")
         if role == "assistant" and message.get("tool_calls") and not content:
             messages.append(message)  # a pure tool call has no text
             continue
         if content is None:
-            raise UserError(f"{where} ({role}) has no 'content'; each message needs role and content.")
+            raise DataError(f"{where} ({role}) has no 'content'; each message needs role and content.")
         if not isinstance(content, str):
-            raise UserError(
+            raise DataError(
                 f"{where} ({role}): 'content' must be a string, got {type(content).__name__}; text-only SFT does "
                 "not take content parts (images, lists)."
             )
         if not content.strip():
-            raise UserError(f"{where} ({role}) has empty content; remove the message or the row.")
+            raise DataError(f"{where} ({role}) has empty content; remove the message or the row.")
         messages.append(message)
     return messages
 
@@ -243,10 +243,10 @@ def _template_kwargs(row: dict[str, Any], index: int) -> dict[str, Any]:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as error:
-            raise UserError(f"Row {index}: field 'tools' is not valid JSON ({error}).") from None
+            raise DataError(f"Row {index}: field 'tools' is not valid JSON ({error}).") from None
     extra = row.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
-        raise UserError(f"Row {index}: field 'chat_template_kwargs' must be a dict, got {type(extra).__name__}.")
+        raise DataError(f"Row {index}: field 'chat_template_kwargs' must be a dict, got {type(extra).__name__}.")
     return {"chat_template": None, "tools": tools, **extra}
 
 
@@ -254,7 +254,7 @@ def _apply_template(tokenizer, messages: list[dict[str, Any]], index: int, **kwa
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
     except Exception as error:  # jinja raises its own errors (e.g. "roles must alternate")
-        raise UserError(f"Row {index}: the chat template failed on this conversation: {error}") from None
+        raise DataError(f"Row {index}: the chat template failed on this conversation: {error}") from None
     return {key: list(out[key]) for key in ("input_ids", "assistant_masks") if key in out}
 
 
@@ -286,11 +286,11 @@ def _tokenize_rows(
         for index, row in enumerate(rows):
             input_ids = row.get("input_ids")
             if not isinstance(input_ids, list) or not all(isinstance(t, int) for t in input_ids):
-                raise UserError(f"Row {index}: field 'input_ids' must be a list of token ids, got {input_ids!r:.80}.")
+                raise DataError(f"Row {index}: field 'input_ids' must be a list of token ids, got {input_ids!r:.80}.")
             if has_labels:  # given labels are used as they are (TRL)
                 labels = row.get("labels")
                 if not isinstance(labels, list) or len(labels) != len(input_ids):
-                    raise UserError(
+                    raise DataError(
                         f"Row {index}: field 'labels' must be a list as long as 'input_ids' ({len(input_ids)}), "
                         f"got {labels!r:.80}."
                     )
@@ -303,7 +303,7 @@ def _tokenize_rows(
                 masks.append(row["assistant_masks"])
             for mask in masks:
                 if not isinstance(mask, list) or len(mask) != len(input_ids):
-                    raise UserError(f"Row {index}: mask columns must be lists as long as 'input_ids'.")
+                    raise DataError(f"Row {index}: mask columns must be lists as long as 'input_ids'.")
             examples.append({"input_ids": list(input_ids), "labels": _labels(input_ids, masks)})
         return examples
 
@@ -366,7 +366,7 @@ def _tokenize_rows(
 
 def _require_assistant_tokens(masks: list[list[int]], index: int) -> None:
     if masks and 1 not in masks[0]:
-        raise UserError(
+        raise DataError(
             f"Row {index}: assistant_only_loss is on but the chat template marks no assistant token in this row "
             "(no assistant message, or no {% generation %} block around it); fix the row or the template."
         )
@@ -398,37 +398,37 @@ def _check_setup(
     elif completion_only_loss and fmt not in (PROMPT_COMPLETION, PROMPT_COMPLETION_CONVERSATIONAL) and not (
         fmt == TOKENIZED and "completion_mask" in first_row
     ):
-        raise UserError(
+        raise DataError(
             f"--completion_only_loss needs prompt/completion data, but the dataset is in the '{fmt}' format; map "
             "your columns to prompt and completion (--dataset_column_map) or drop the flag."
         )
     report.completion_only_loss = bool(completion_only_loss)
 
     if fmt != TOKENIZED and "labels" in first_row:
-        raise UserError(
+        raise DataError(
             "The dataset has a 'labels' column but no 'input_ids'; labels only make sense for pre-tokenized data. "
             "Remove the column or provide input_ids too."
         )
     if fmt in (TEXT, PROMPT_COMPLETION) and not tokenizer.eos_token:
-        raise UserError(
+        raise DataError(
             "The tokenizer has no eos_token, which SFT appends to every text row and completion; set one in the "
             "tokenizer (eos_token in tokenizer_config.json)."
         )
     if assistant_only_loss and fmt not in CONVERSATIONAL_FORMATS:
-        raise UserError(
+        raise DataError(
             f"--assistant_only_loss needs conversational data (messages / conversations / message prompt-completion), "
             f"but the dataset is in the '{fmt}' format."
         )
     if fmt in CONVERSATIONAL_FORMATS:
         template = _chat_template(tokenizer)
         if not template:
-            raise UserError(
+            raise DataError(
                 f"The dataset is conversational ('{fmt}') but the tokenizer has no chat template; use a tokenizer "
                 "with one or set one with --chat_template_path."
             )
         if assistant_only_loss:
             if not has_generation_markers(template):
-                raise UserError(
+                raise DataError(
                     "--assistant_only_loss needs a chat template that wraps assistant text in "
                     "{% generation %}...{% endgeneration %}; this tokenizer's template has no such block. Add it "
                     "(--chat_template_path) or drop --assistant_only_loss."
@@ -534,23 +534,23 @@ def prepare_sft_dataset(
         (examples, report): examples {"input_ids", "labels"} (+ "position_ids" when packed), and what was done.
 
     Raises:
-        UserError: Bad settings or a bad row (the message names the row and the field).
+        DataError: Bad settings or a bad row (the message names the row and the field).
     """
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise UserError(f"--max_length must be a positive integer or None, got {max_length!r}.")
+        raise DataError(f"--max_length must be a positive integer or None, got {max_length!r}.")
     if truncation_mode not in TRUNCATION_MODES:
-        raise UserError(f"--truncation_mode {truncation_mode}: use one of {list(TRUNCATION_MODES)}.")
+        raise DataError(f"--truncation_mode {truncation_mode}: use one of {list(TRUNCATION_MODES)}.")
     if packing and packing_strategy not in PACKING_STRATEGIES:
-        raise UserError(f"--packing_strategy {packing_strategy}: use one of {list(PACKING_STRATEGIES)}.")
+        raise DataError(f"--packing_strategy {packing_strategy}: use one of {list(PACKING_STRATEGIES)}.")
     if packing and max_length is None:
-        raise UserError("--packing needs --max_length (the length of each packed row).")
+        raise DataError("--packing needs --max_length (the length of each packed row).")
 
     rows = _to_rows(dataset)
     if not rows:
-        raise UserError("The dataset has no rows.")
+        raise DataError("The dataset has no rows.")
     first_row = rows[0]
     if "image" in first_row or "images" in first_row:
-        raise UserError("The dataset has image columns; only text SFT is supported (drop 'image'/'images').")
+        raise DataError("The dataset has image columns; only text SFT is supported (drop 'image'/'images').")
     fmt = detect_sft_format(list(first_row.keys()), first_row, dataset_text_field)
     report = PrepReport(format=fmt, num_rows=len(rows), max_length=max_length, packing=packing,
                         packing_strategy=packing_strategy if packing else None,
@@ -582,7 +582,7 @@ def prepare_sft_dataset(
             examples = _shuffle(examples, shuffle_seed)
 
     if not examples:
-        raise UserError(
+        raise DataError(
             f"No example is left after preparation ({report.summary()}); check max_length and the loss masks."
         )
     report.num_examples = len(examples)

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from engine.errors import UserError
+from lora.errors import LoRAError
 
 ALL_LINEAR = "all-linear"
 
@@ -41,28 +41,28 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"LoRA r={self.r!r}: the rank must be an integer >= 1 (e.g. 16)")
+            raise LoRAError(f"LoRA r={self.r!r}: the rank must be an integer >= 1 (e.g. 16)")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise UserError(f"LoRA alpha={self.alpha!r}: must be a finite number (e.g. 32)")
+            raise LoRAError(f"LoRA alpha={self.alpha!r}: must be a finite number (e.g. 32)")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"LoRA dropout={self.dropout!r}: must be in [0, 1)")
+            raise LoRAError(f"LoRA dropout={self.dropout!r}: must be in [0, 1)")
         if isinstance(self.target_modules, str):
             if not self.target_modules:
-                raise UserError("LoRA target_modules is empty: name modules (e.g. q_proj v_proj) or use all-linear")
+                raise LoRAError("LoRA target_modules is empty: name modules (e.g. q_proj v_proj) or use all-linear")
             if self.target_modules.lower() == ALL_LINEAR:
                 self.target_modules = ALL_LINEAR
             else:
                 try:
                     re.compile(self.target_modules)
                 except re.error as err:
-                    raise UserError(
+                    raise LoRAError(
                         f"LoRA target_modules={self.target_modules!r} is not a valid regular expression ({err}); "
                         "pass a list of module names (e.g. q_proj v_proj) or all-linear"
                     ) from None
         else:
             names = list(self.target_modules)
             if not names or not all(isinstance(n, str) and n for n in names):
-                raise UserError(
+                raise LoRAError(
                     f"LoRA target_modules={self.target_modules!r}: need one or more non-empty module names "
                     "(e.g. q_proj v_proj) or all-linear"
                 )

@@ -16,7 +16,7 @@ import re
 
 from torch import nn
 
-from engine.errors import UserError
+from lora.errors import LoRAError
 from lora.config import ALL_LINEAR, LoRAConfig
 from lora.layer import LoRALinear
 
@@ -70,11 +70,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         The same `model`.
 
     Raises:
-        UserError: the model already has LoRA layers; the patterns match no module; a matched module is not
+        LoRAError: the model already has LoRA layers; the patterns match no module; a matched module is not
             an `nn.Linear`; or a matched layer shares its weight with another module (tied embeddings).
     """
     if lora_layers(model):
-        raise UserError(
+        raise LoRAError(
             "the model already has LoRA layers: inject_lora / load_adapter once per model "
             "(use unload(model) first to get a plain model back)"
         )
@@ -109,7 +109,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     """Names of the modules that `target_modules` selects, in `named_modules()` order (PEFT's rules).
 
     Raises:
-        UserError: nothing matches (the message names the patterns and the model's linear layers), or a
+        LoRAError: nothing matches (the message names the patterns and the model's linear layers), or a
             match is not an `nn.Linear`.
     """
     if target_modules == ALL_LINEAR:
@@ -123,7 +123,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
         names = [name for name, _ in model.named_modules() if name and _matches(target_modules, name)]
 
     if not names:
-        raise UserError(
+        raise LoRAError(
             f"LoRA target_modules {target_modules!r} match no module of {type(model).__name__}; "
             f"its linear layers are named {_describe_linear_layers(model)} "
             "(pass some of these, a regular expression over full names, or all-linear)"
@@ -131,7 +131,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     not_linear = [name for name in names if not isinstance(model.get_submodule(name), nn.Linear)]
     if not_linear:
         kind = type(model.get_submodule(not_linear[0])).__name__
-        raise UserError(
+        raise LoRAError(
             f"LoRA target_modules {target_modules!r} match {not_linear[0]!r}, a {kind}, but only nn.Linear "
             f"layers can be adapted ({len(not_linear)} such match(es)); target linear layers instead: "
             f"{_describe_linear_layers(model)}"
@@ -166,7 +166,7 @@ def _check_not_tied(model: nn.Module, names: list[str]) -> None:
         weight = model.get_submodule(name).weight
         shared = [owner for owner in owners[id(weight)] if not owner.startswith(f"{name}.")]
         if shared:
-            raise UserError(
+            raise LoRAError(
                 f"LoRA target {name!r} shares its weight with {shared[0]!r} (tied embeddings); adapting it would "
                 "change both. Leave it out of target_modules (all-linear already does)"
             )

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from engine.errors import UserError
+from lora.errors import LoRAError
 from lora.inject import CONFIG_ATTRIBUTE, lora_layers
 from lora.layer import LoRALinear
 
@@ -21,7 +21,7 @@ from lora.layer import LoRALinear
 def _require_lora_layers(model: nn.Module, action: str) -> dict[str, LoRALinear]:
     layers = lora_layers(model)
     if not layers:
-        raise UserError(f"{action}: the model has no LoRA layers (inject_lora or load_adapter first)")
+        raise LoRAError(f"{action}: the model has no LoRA layers (inject_lora or load_adapter first)")
     return layers
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.errors import UserError
+from lora.errors import LoRAError
 from lora.config import LoRAConfig
 from lora.inject import CONFIG_ATTRIBUTE, inject_lora, lora_layers, lora_parameters
 
@@ -81,10 +81,10 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_model_nam
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     params = lora_parameters(model)
     if not params:
-        raise UserError("save_adapter: the model has no LoRA adapter (inject_lora or load_adapter first)")
+        raise LoRAError("save_adapter: the model has no LoRA adapter (inject_lora or load_adapter first)")
     if config is None:
         # e.g. a DDP wrapper: its parameter names start with "module.", which PEFT would not find.
-        raise UserError(
+        raise LoRAError(
             f"save_adapter: pass the model given to inject_lora, not a wrapper ({type(model).__name__}); "
             "with accelerate: accelerator.unwrap_model(model)"
         )
@@ -128,7 +128,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     The adapter parameters are trainable afterwards (PEFT's `is_trainable=True`).
 
     Raises:
-        UserError: missing files, a config using a PEFT feature not implemented here, the model already
+        LoRAError: missing files, a config using a PEFT feature not implemented here, the model already
             has LoRA layers, or weights whose names or shapes do not match the injected layers.
     """
     config = read_adapter_config(adapter_dir)
@@ -141,29 +141,29 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     """The `LoRAConfig` of an adapter folder, refusing PEFT options that would change the computation."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_NAME
     if not path.is_file():
-        raise UserError(f"no {ADAPTER_CONFIG_NAME} in {adapter_dir}: pass a folder written by save_adapter or PEFT")
+        raise LoRAError(f"no {ADAPTER_CONFIG_NAME} in {adapter_dir}: pass a folder written by save_adapter or PEFT")
     try:
         fields = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
+        raise LoRAError(f"{path} is not valid JSON ({err})") from None
     if fields.get("peft_type") != "LORA":
-        raise UserError(f"{path}: peft_type is {fields.get('peft_type')!r}; only LORA adapters are supported")
+        raise LoRAError(f"{path}: peft_type is {fields.get('peft_type')!r}; only LORA adapters are supported")
     if fields.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UserError(f"{path}: task_type is {fields['task_type']!r}; only CAUSAL_LM adapters are supported")
+        raise LoRAError(f"{path}: task_type is {fields['task_type']!r}; only CAUSAL_LM adapters are supported")
     for key, value in fields.items():
         if key in _SUPPORTED_VALUES:
             if value not in _SUPPORTED_VALUES[key]:
-                raise UserError(
+                raise LoRAError(
                     f"{path}: {key}={value!r} is not supported here (supported: "
                     f"{' or '.join(repr(v) for v in _SUPPORTED_VALUES[key])}); load this adapter with PEFT instead"
                 )
         elif key not in _HARMLESS_FIELDS and value not in (None, False, {}, [], ""):
-            raise UserError(
+            raise LoRAError(
                 f"{path}: unknown field {key}={value!r} (from a newer PEFT?); it may change the adapter, "
                 "so it is not loaded"
             )
     if fields.get("target_modules") is None:
-        raise UserError(f"{path}: target_modules is missing; name the adapted modules in the config")
+        raise LoRAError(f"{path}: target_modules is missing; name the adapted modules in the config")
     return LoRAConfig(
         r=fields.get("r", 8),  # PEFT's LoraConfig defaults, for fields a hand-written config leaves out
         alpha=fields.get("lora_alpha", 8),
@@ -178,7 +178,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
     """Copy adapter_model.safetensors into a model that already has the matching LoRA layers (e.g. resume).
 
     Raises:
-        UserError: the file is missing; its r / alpha / rsLoRA differ from the model's; or any adapter weight
+        LoRAError: the file is missing; its r / alpha / rsLoRA differ from the model's; or any adapter weight
             is missing, unexpected or of the wrong shape (PEFT would only warn).
     """
     adapter_dir = Path(adapter_dir)
@@ -186,10 +186,10 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
     if not weights_path.is_file():
         hint = " (adapter_model.bin is not read: re-save it with safetensors)" if (
             adapter_dir / "adapter_model.bin").is_file() else ""
-        raise UserError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}{hint}")
+        raise LoRAError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}{hint}")
     params = lora_parameters(model)
     if not params:
-        raise UserError("load_adapter_weights: the model has no LoRA layers (use load_adapter to inject them)")
+        raise LoRAError("load_adapter_weights: the model has no LoRA layers (use load_adapter to inject them)")
     if (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
         _check_config_matches(model, read_adapter_config(adapter_dir), adapter_dir)
 
@@ -200,7 +200,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
     unexpected = [key for key in state if key.removeprefix(PEFT_KEY_PREFIX) not in params
                   or not key.startswith(PEFT_KEY_PREFIX)]
     if missing or unexpected:
-        raise UserError(
+        raise LoRAError(
             f"{weights_path} does not match the model's LoRA layers: "
             f"{len(missing)} missing (e.g. {[PEFT_KEY_PREFIX + n for n in missing[:3]]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); was it trained for another model or "
@@ -209,7 +209,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
     for name, param in params.items():
         tensor = state[loaded[name]]
         if tensor.shape != param.shape:
-            raise UserError(
+            raise LoRAError(
                 f"{weights_path}: {loaded[name]} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(param.shape)} (another r or another model?)"
             )
@@ -221,7 +221,7 @@ def _check_config_matches(model: nn.Module, config: LoRAConfig, adapter_dir: Pat
     """Weights of another r / alpha / rsLoRA would load fine and compute something else: refuse."""
     for name, layer in lora_layers(model).items():
         if (layer.r, layer.scaling) != (config.r, config.scaling):
-            raise UserError(
+            raise LoRAError(
                 f"{adapter_dir}: adapter has r={config.r}, alpha={config.alpha}, use_rslora={config.use_rslora} "
                 f"but the model's {name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora}"
             )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from losses.errors import LossError
 
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -157,10 +157,10 @@ def discover_losses() -> None:
 
 
 def get_loss(name: str) -> LossSpec:
-    """The registry entry for `name`; UserError listing the available names if unknown."""
+    """The registry entry for `name`; LossError listing the available names if unknown."""
     discover_losses()
     if name not in LOSSES:
-        raise UserError(
+        raise LossError(
             f"unknown loss_type {name!r}; available: {', '.join(sorted(LOSSES))} (set --loss_type to one of them)"
         )
     return LOSSES[name]
@@ -182,20 +182,20 @@ def validate_loss_config(
     """Reject loss settings TRL 1.16 rejects (or that make a loss meaningless), before training starts.
 
     Raises:
-        UserError: naming the option and the fix.
+        LossError: naming the option and the fix.
     """
     if not loss_types:
-        raise UserError("loss_type is empty; pass at least one, e.g. --loss_type sigmoid")
+        raise LossError("loss_type is empty; pass at least one, e.g. --loss_type sigmoid")
     specs = [get_loss(name) for name in loss_types]
     if loss_weights is not None and len(loss_weights) != len(loss_types):
-        raise UserError(
+        raise LossError(
             f"loss_weights has {len(loss_weights)} values for {len(loss_types)} loss types {loss_types}; "
             "give one weight per loss type, or none for all 1.0"
         )
     if options.beta <= 0:
-        raise UserError(f"beta must be > 0, got {options.beta}")
+        raise LossError(f"beta must be > 0, got {options.beta}")
     if options.f_divergence_type not in F_DIVERGENCE_TYPES:
-        raise UserError(
+        raise LossError(
             f"unknown f_divergence_type {options.f_divergence_type!r}; available: {', '.join(F_DIVERGENCE_TYPES)}"
         )
     if options.f_divergence_type != "reverse_kl":
@@ -203,26 +203,26 @@ def validate_loss_config(
         unsupported = [spec.name for spec in specs if not spec.f_divergence]
         if unsupported:
             supported = sorted(name for name, spec in LOSSES.items() if spec.f_divergence)
-            raise UserError(
+            raise LossError(
                 f"f_divergence_type={options.f_divergence_type!r} does not apply to loss_type {unsupported}; "
                 f"use it only with {supported}, or keep f_divergence_type='reverse_kl'"
             )
     if "exo_pair" in loss_types and options.label_smoothing <= 0:
-        raise UserError("loss_type 'exo_pair' needs label_smoothing > 0 (log ε); the EXO paper uses 1e-3")
+        raise LossError("loss_type 'exo_pair' needs label_smoothing > 0 (log ε); the EXO paper uses 1e-3")
     if "robust" in loss_types and not 0 <= options.label_smoothing < 0.5:
         # TRL only warns; at 0.5 the loss divides by zero and beyond it flips sign, so refuse.
-        raise UserError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {options.label_smoothing}")
+        raise LossError(f"loss_type 'robust' needs 0 <= label_smoothing < 0.5, got {options.label_smoothing}")
     if "discopop" in loss_types and options.discopop_tau <= 0:
-        raise UserError(f"discopop_tau must be > 0, got {options.discopop_tau}")
+        raise LossError(f"discopop_tau must be > 0, got {options.discopop_tau}")
     if use_weighting:
         # TRL 1.16: aot/aot_unpaired sort the batch (weights would be misaligned); 'sft' crashes there.
         bad = [name for name in loss_types if name in ("aot", "aot_unpaired", "sft", "orpo")]
         if bad:
-            raise UserError(
+            raise LossError(
                 f"use_weighting (WPO) is not defined for loss_type {bad}; drop --use_weighting or them"
             )
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-        raise UserError(
+        raise LossError(
             f"ld_alpha must be in [0, 1] (1 = plain DPO, 0 = cut at the shared length), got {ld_alpha}"
         )
 

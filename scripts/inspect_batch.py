@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from engine.errors import UserError  # noqa: E402
+from engine.errors import USER_ERRORS, UserError  # noqa: E402
 
 ROLES = ("prompt", "completion", "assistant", "text", "padding")
 
@@ -192,7 +192,7 @@ def _sft_structure(data_format: str, train_raw, examples, config, tokenizer, acc
     try:
         structured, _ = SFTMethod(dataclasses.replace(config, **flags), tokenizer, accelerator).prepare(
             train_raw, split_name=config.dataset_train_split)
-    except UserError as error:
+    except USER_ERRORS as error:
         notes.append(f"roles: could not find the {role} tokens ({error})")
         return None
     if len(structured) != len(examples) or any(
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
         config = parse_config(rest)
         view = inspect_batch(config, own.batch_index)
-    except UserError as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     print(render(view, own.max_sequences), flush=True)

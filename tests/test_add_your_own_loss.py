@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import UserError
+from losses.errors import LossError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- add-your-own-loss:start -->", "<!-- add-your-own-loss:end -->"
@@ -149,10 +149,10 @@ def test_a_broken_loss_module_raises_its_own_error(followed):
 
 
 def test_the_real_repo_is_untouched():
-    """The recipe ran in a copy: here the README's loss name is unknown, a UserError listing the real losses."""
+    """The recipe ran in a copy: here the README's loss name is unknown, a LossError listing the real losses."""
     from losses import get_loss
 
     _, text, _ = recipe()
     name = re.findall(r'@register_loss\("(\w+)"', text)[0]
-    with pytest.raises(UserError, match=f"unknown loss_type '{name}'.*sigmoid"):
+    with pytest.raises(LossError, match=f"unknown loss_type '{name}'.*sigmoid"):
         get_loss(name)

@@ -12,7 +12,7 @@ from trl.chat_template_utils import has_generation_markers, is_chat_template_sto
 
 from data.defaults import DEFAULT_DPO_DATASET, DEFAULT_SFT_DATASET, DEFAULT_TOKENIZER_DIR
 from data.demo_rule import PROBLEM_RE, expected_answer, score, win_rate
-from engine.errors import UserError
+from data.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NO_THINK_HEADER = "<|im_start|>assistant\n<think>\n\n</think>\n"
@@ -321,7 +321,7 @@ def test_score_accepts_rendered_text_and_subtraction():
     rendered = "<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>user\nWhat is 50 - 8?<|im_end|>\n"
     assert expected_answer(rendered) == "50 - 8 = 42."
     assert score(rendered, "50 - 8 = 42.") == 1.0
-    with pytest.raises(UserError, match="no 'a \\+ b'"):
+    with pytest.raises(DataError, match="no 'a \\+ b'"):
         score("Tell me a joke.", "no")
 
 
@@ -337,5 +337,5 @@ def test_win_rate():
     assert win_rate(policy, reference, prompts) == 0.5
     assert win_rate([right[0], right[1], right[2], wrong[3]], reference, prompts) == 0.625
     assert win_rate(right, wrong, prompts) == 1.0
-    with pytest.raises(UserError, match="same non-zero number"):
+    with pytest.raises(DataError, match="same non-zero number"):
         win_rate(policy, reference[:3], prompts)

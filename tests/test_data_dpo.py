@@ -1,4 +1,4 @@
-"""DPO data preparation and collation match TRL 1.16 exactly; bad rows raise UserError naming row and field.
+"""DPO data preparation and collation match TRL 1.16 exactly; bad rows raise DataError naming row and field.
 
 Parity tests build tokenizers in-test with `tokenizers` (ChatML; the same with pad == eos; a Llama-like one
 whose post-processor adds BOS and that has no pad token) plus the shipped one, a tiny Llama saved to a tmp dir,
@@ -25,7 +25,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from data.collate_dpo import collate_dpo, resolve_pad_token_id
 from data.defaults import DEFAULT_TOKENIZER_DIR
 from data.dpo import extract_implicit_prompt, prepare_dpo_dataset
-from engine.errors import UserError
+from data.errors import DataError
 
 datasets.disable_progress_bars()
 ID_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -393,7 +393,7 @@ def test_truncation_matches_trl_and_reports_drops(truncation_mode, tiny_model, t
 def test_all_rows_dropped_raises():
     """max_length=1 with keep_start: every prompt has >= 1 token, so all rows would be dropped (TRL: an empty
     dataset); we raise and tell the user to raise max_length."""
-    with pytest.raises(UserError, match=r"all 3 preference rows .*raise --max_length"):
+    with pytest.raises(DataError, match=r"all 3 preference rows .*raise --max_length"):
         prepare_dpo_dataset(TRUNCATION_ROWS, TOKENIZERS["chatml"], max_length=1)
 
 
@@ -550,14 +550,14 @@ def test_text_row_errors(bad_row, message):
     """A bad row after a good one: the error names row 1 (0-based) and the field."""
     tokenizer = TOKENIZERS["chatml"]
     rows = [GOOD_TEXT, bad_row] if "chosen" in bad_row else [bad_row]
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         prepare_dpo_dataset(rows, tokenizer)
 
 
 def test_missing_columns_lists_accepted_schemas():
     """The message lists the columns found and the accepted schemas, so the user can rename columns."""
     with pytest.raises(
-        UserError, match=r"no 'rejected' column .*accepted schemas: prompt/chosen/rejected as text"
+        DataError, match=r"no 'rejected' column .*accepted schemas: prompt/chosen/rejected as text"
     ):
         prepare_dpo_dataset([{"prompt": "Q?", "chosen": "yes"}], TOKENIZERS["chatml"])
 
@@ -587,16 +587,16 @@ def test_missing_columns_lists_accepted_schemas():
     ],
 )
 def test_conversation_row_errors(bad_row, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         prepare_dpo_dataset([GOOD_CONV, bad_row], TOKENIZERS["chatml"])
 
 
 def test_implicit_prompt_needs_common_prefix():
     """Conversations that differ at their first message, or texts at their first character, have no prompt."""
     conv = {"chosen": [user("a"), assistant("b")], "rejected": [user("x"), assistant("b")]}
-    with pytest.raises(UserError, match=r"row 0: chosen and rejected share no leading message"):
+    with pytest.raises(DataError, match=r"row 0: chosen and rejected share no leading message"):
         prepare_dpo_dataset([conv], TOKENIZERS["chatml"])
-    with pytest.raises(UserError, match=r"row 0: chosen and rejected share no leading text"):
+    with pytest.raises(DataError, match=r"row 0: chosen and rejected share no leading text"):
         prepare_dpo_dataset([{"chosen": "yes", "rejected": "no"}], TOKENIZERS["chatml"])
 
 
@@ -607,7 +607,7 @@ def test_conversations_diverging_at_user_turn_rejected():
         "rejected": [user("a"), assistant("b"), user("X"), assistant("d")],
     }
     with pytest.raises(
-        UserError, match=r"row 0, field 'chosen': the completion after the prompt starts with a 'user'"
+        DataError, match=r"row 0, field 'chosen': the completion after the prompt starts with a 'user'"
     ):
         prepare_dpo_dataset([row], TOKENIZERS["chatml"])
 
@@ -615,7 +615,7 @@ def test_conversations_diverging_at_user_turn_rejected():
 def test_prompt_messages_with_text_completions_rejected():
     row = {"prompt": [user("Q?")], "chosen": "yes", "rejected": "no"}
     with pytest.raises(
-        UserError, match=r"row 0, field 'prompt': is a message list but chosen/rejected are plain text"
+        DataError, match=r"row 0, field 'prompt': is a message list but chosen/rejected are plain text"
     ):
         prepare_dpo_dataset([row], TOKENIZERS["chatml"])
 
@@ -628,14 +628,14 @@ def test_identical_pairs_can_be_skipped_and_counted():
     ours, report = prepare_dpo_dataset(rows, tokenizer, skip_identical_pairs=True)
     assert report.skipped_identical == [1, 2] and report.kept_rows == [0, 3] and len(ours) == 2
     assert ours[0] == prepare_dpo_dataset([GOOD_TEXT], tokenizer)[0][0]
-    with pytest.raises(UserError, match="no preference row is left: all 1 rows have chosen == rejected"):
+    with pytest.raises(DataError, match="no preference row is left: all 1 rows have chosen == rejected"):
         prepare_dpo_dataset([rows[1]], tokenizer, skip_identical_pairs=True)
 
 
 def test_tokenizer_without_chat_template_rejected_for_conversations():
     tokenizer = copy.deepcopy(TOKENIZERS["chatml"])
     tokenizer.chat_template = None
-    with pytest.raises(UserError, match="conversational .* the tokenizer has no chat template"):
+    with pytest.raises(DataError, match="conversational .* the tokenizer has no chat template"):
         prepare_dpo_dataset([GOOD_CONV], tokenizer)
 
 
@@ -645,7 +645,7 @@ def test_template_that_drops_assistant_text_rejected():
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
     )
-    with pytest.raises(UserError, match="row 0, field 'chosen': the completion renders to no tokens"):
+    with pytest.raises(DataError, match="row 0, field 'chosen': the completion renders to no tokens"):
         prepare_dpo_dataset([GOOD_CONV], tokenizer)
 
 
@@ -657,14 +657,14 @@ def test_template_that_drops_assistant_text_rejected():
     ],
 )
 def test_bad_settings(kwargs, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         prepare_dpo_dataset([GOOD_TEXT], TOKENIZERS["chatml"], **kwargs)
 
 
 def test_empty_dataset_and_tokenizer_without_eos():
-    with pytest.raises(UserError, match="the preference dataset has no rows"):
+    with pytest.raises(DataError, match="the preference dataset has no rows"):
         prepare_dpo_dataset([], TOKENIZERS["chatml"])
     tokenizer = copy.deepcopy(TOKENIZERS["chatml"])
     tokenizer.eos_token = None
-    with pytest.raises(UserError, match="the tokenizer has no eos_token"):
+    with pytest.raises(DataError, match="the tokenizer has no eos_token"):
         prepare_dpo_dataset([GOOD_TEXT], tokenizer)

@@ -1,4 +1,4 @@
-"""Local datasets load offline into (train, test); every failure is a UserError naming the file, line or split."""
+"""Local datasets load offline into (train, test); every failure is a DataError naming the file, line or split."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datasets import Dataset, DatasetDict
 
 from data.defaults import DEFAULT_SFT_DATASET
 from data.loading import load_dataset_splits
-from engine.errors import UserError
+from data.errors import DataError
 
 ROWS = [{"text": "a"}, {"text": "b"}, {"text": "c"}]
 
@@ -80,7 +80,7 @@ def test_config_is_a_sub_folder(tmp_path):
     write_jsonl(tmp_path / "main" / "train.jsonl", ROWS)
     train, _ = load_dataset_splits(str(tmp_path), "main")
     assert len(train) == 3
-    with pytest.raises(UserError, match=r"--dataset_config socratic: no such sub-folder .* \(folders: \['main'\]\)"):
+    with pytest.raises(DataError, match=r"--dataset_config socratic: no such sub-folder .* \(folders: \['main'\]\)"):
         load_dataset_splits(str(tmp_path), "socratic")
 
 
@@ -91,9 +91,9 @@ def test_bundled_sft_data_loads():
 
 
 def test_missing_path_that_is_not_a_hub_id(tmp_path):
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(DataError, match="no such file or folder"):
         load_dataset_splits(str(tmp_path / "nope.jsonl"), None)
-    with pytest.raises(UserError, match="no such file or folder"):
+    with pytest.raises(DataError, match="no such file or folder"):
         load_dataset_splits("./data/missing", None)
 
 
@@ -101,7 +101,7 @@ def test_empty_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n\n")
     for name in ("empty.jsonl", "blank.jsonl"):
-        with pytest.raises(UserError, match=f"{name} is empty"):
+        with pytest.raises(DataError, match=f"{name} is empty"):
             load_dataset_splits(str(tmp_path / name), None)
 
 
@@ -109,7 +109,7 @@ def test_corrupt_jsonl_names_file_and_line(tmp_path):
     """Line 2 lacks its closing brace: the error says file:2."""
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
-    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
         load_dataset_splits(str(path), None)
 
 
@@ -117,20 +117,20 @@ def test_corrupt_json_array_names_line(tmp_path):
     """A JSON array missing the comma after line 3: the decoder stops at line 4."""
     path = tmp_path / "bad.json"
     path.write_text('[\n {"text": "a"},\n {"text": "b"}\n {"text": "c"}\n]\n')
-    with pytest.raises(UserError, match=r"bad\.json:4: not valid JSON \(Expecting ',' delimiter"):
+    with pytest.raises(DataError, match=r"bad\.json:4: not valid JSON \(Expecting ',' delimiter"):
         load_dataset_splits(str(path), None)
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"text": "a"}\n["b"]\n')
-    with pytest.raises(UserError, match=r"list\.jsonl:2: each line must be a JSON object"):
+    with pytest.raises(DataError, match=r"list\.jsonl:2: each line must be a JSON object"):
         load_dataset_splits(str(path), None)
 
 
 def test_unsupported_file_type(tmp_path):
     (tmp_path / "rows.txt").write_text("hello\n")
-    with pytest.raises(UserError, match="unsupported file type '.txt'"):
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
         load_dataset_splits(str(tmp_path / "rows.txt"), None)
 
 
@@ -138,16 +138,16 @@ def test_missing_splits_are_named(tmp_path):
     """A missing train split lists the splits that exist; so does an explicitly requested test split."""
     write_jsonl(tmp_path / "train.jsonl", ROWS)
     write_jsonl(tmp_path / "validation.jsonl", ROWS)
-    with pytest.raises(UserError, match=r"has no 'training' split \(splits: \['train', 'validation'\]\)"):
+    with pytest.raises(DataError, match=r"has no 'training' split \(splits: \['train', 'validation'\]\)"):
         load_dataset_splits(str(tmp_path), None, train_split="training")
-    with pytest.raises(UserError, match=r"has no 'dev' split \(splits: \['train', 'validation'\]\)"):
+    with pytest.raises(DataError, match=r"has no 'dev' split \(splits: \['train', 'validation'\]\)"):
         load_dataset_splits(str(tmp_path), None, test_split="dev")
 
 
 def test_hub_unreachable_suggests_local_path(monkeypatch):
     """Offline (as in every test here), a Hub id fails with a hint to pass a local path; no network is touched."""
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(DataError) as error:
         load_dataset_splits("nanopost-test/does-not-exist", None)
     message = str(error.value)
     assert "Could not reach the Hugging Face Hub" in message and "offline" in message

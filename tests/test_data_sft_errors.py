@@ -25,7 +25,7 @@ from data.formats import (
     parse_column_map,
 )
 from data.sft import prepare_sft_dataset
-from engine.errors import UserError
+from data.errors import DataError
 
 NO_GENERATION_TEMPLATE = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
@@ -78,8 +78,8 @@ def chat(*pairs: tuple[str, object]) -> dict:
     ],
 )
 def test_bad_rows_and_settings_raise_user_error(rows, kwargs, message, tokenizer):
-    """Each bad input raises UserError whose message contains the stated text (row index, field, fix)."""
-    with pytest.raises(UserError) as error:
+    """Each bad input raises DataError whose message contains the stated text (row index, field, fix)."""
+    with pytest.raises(DataError) as error:
         prepare_sft_dataset(copy.deepcopy(rows), tokenizer, **kwargs)
     assert message in str(error.value)
     assert "\n" not in str(error.value)  # one line: the CLI prints it as is
@@ -89,7 +89,7 @@ def test_bad_row_in_a_datasets_dataset_is_named(tokenizer):
     """Same checks on a datasets.Dataset, where Arrow fills absent message keys with None: row 2 is named."""
     rows = copy.deepcopy(MESSAGES_ROWS)
     rows[2]["messages"][1]["content"] = "   "
-    with pytest.raises(UserError, match=r"Row 2: messages\[1\] \(assistant\) has empty content"):
+    with pytest.raises(DataError, match=r"Row 2: messages\[1\] \(assistant\) has empty content"):
         prepare_sft_dataset(Dataset.from_list(rows), tokenizer)
 
 
@@ -97,7 +97,7 @@ def test_chat_template_missing(tokenizer):
     """Conversational data with a tokenizer that has no chat template."""
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
-    with pytest.raises(UserError, match="the tokenizer has no chat template"):
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
         prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), bare)
 
 
@@ -105,7 +105,7 @@ def test_assistant_only_loss_needs_generation_markers(tokenizer):
     """TRL would try to swap in a known model family's training template; we ask for {% generation %}."""
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = NO_GENERATION_TEMPLATE
-    with pytest.raises(UserError, match=r"\{% generation %\}\.\.\.\{% endgeneration %\}"):
+    with pytest.raises(DataError, match=r"\{% generation %\}\.\.\.\{% endgeneration %\}"):
         prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), plain, assistant_only_loss=True)
 
 
@@ -130,7 +130,7 @@ def test_chat_template_exception_names_the_row(tokenizer):
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
         "{{ m['content'] }}{% endfor %}"
     )
-    with pytest.raises(UserError, match="Row 1: the chat template failed on this conversation: no system turns"):
+    with pytest.raises(DataError, match="Row 1: the chat template failed on this conversation: no system turns"):
         prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), strict)
 
 
@@ -201,7 +201,7 @@ def test_preset_output_prepares(tokenizer):
     ],
 )
 def test_parse_column_map_errors(spec, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         parse_column_map(spec)
 
 
@@ -216,5 +216,5 @@ def test_parse_column_map_errors(spec, message):
     ],
 )
 def test_normalize_errors(rows, spec, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         normalize_sft_columns(rows, spec)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
-from engine.errors import UserError
+from lora.errors import LoRAError
 from lora import (
     LoRAConfig,
     LoRALinear,
@@ -84,8 +84,8 @@ def adapted(arch: str = "smollm3", **config) -> tuple[nn.Module, nn.Module]:
      dict(target_modules=[]), dict(target_modules=""), dict(target_modules="q_proj(")],
 )
 def test_config_rejects_bad_values(bad):
-    """Each of these is a user mistake (rank 0, dropout 1, nothing to target, broken regex): UserError."""
-    with pytest.raises(UserError):
+    """Each of these is a user mistake (rank 0, dropout 1, nothing to target, broken regex): LoRAError."""
+    with pytest.raises(LoRAError):
         LoRAConfig(**bad)
 
 
@@ -109,7 +109,7 @@ def test_list_targets_match_full_name_or_dotted_suffix():
     assert find_target_modules(model, ["q_proj"]) == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert find_target_modules(model, ["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
-    with pytest.raises(UserError):
+    with pytest.raises(LoRAError):
         find_target_modules(model, ["proj"])
 
 
@@ -119,7 +119,7 @@ def test_string_target_is_a_regex_over_the_whole_name():
     model = tiny_model("llama")
     assert find_target_modules(model, r"model\.layers\.0\.mlp\.(gate|up)_proj") == [
         "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
-    with pytest.raises(UserError):
+    with pytest.raises(LoRAError):
         find_target_modules(model, "q_proj")
 
 
@@ -137,7 +137,7 @@ def test_all_linear_is_every_linear_but_lm_head(arch):
 def test_target_matching_nothing_names_patterns_and_modules():
     """A pattern that matches nothing must say which patterns failed and what the layers are called,
     so the user can fix the flag without reading the model code."""
-    with pytest.raises(UserError) as info:
+    with pytest.raises(LoRAError) as info:
         inject_lora(tiny_model("smollm3"), LoRAConfig(target_modules=["qproj", "vproj"]))
     message = str(info.value)
     assert "'qproj'" in message and "'vproj'" in message
@@ -146,22 +146,22 @@ def test_target_matching_nothing_names_patterns_and_modules():
 
 
 def test_target_that_is_not_linear_is_refused():
-    """"mlp" matches the SmolLM3MLP block itself; only nn.Linear can be wrapped, so UserError naming it."""
-    with pytest.raises(UserError, match="SmolLM3MLP"):
+    """"mlp" matches the SmolLM3MLP block itself; only nn.Linear can be wrapped, so LoRAError naming it."""
+    with pytest.raises(LoRAError, match="SmolLM3MLP"):
         inject_lora(tiny_model("smollm3"), LoRAConfig(target_modules=["mlp"]))
 
 
 def test_tied_lm_head_is_refused():
     """SmolLM3's lm_head shares its weight with embed_tokens: merging into it would change the embeddings
-    too, so targeting it explicitly is a UserError."""
-    with pytest.raises(UserError, match="tied"):
+    too, so targeting it explicitly is a LoRAError."""
+    with pytest.raises(LoRAError, match="tied"):
         inject_lora(tiny_model("smollm3"), LoRAConfig(target_modules=["lm_head"]))
 
 
 def test_inject_twice_is_refused():
     """A second injection would wrap LoRALinear.base_layer again; refuse rather than nest adapters."""
     _, model = adapted()
-    with pytest.raises(UserError, match="already has LoRA"):
+    with pytest.raises(LoRAError, match="already has LoRA"):
         inject_lora(model, LoRAConfig(target_modules=["q_proj"]))
 
 
@@ -399,7 +399,7 @@ def test_merged_model_and_unload_give_a_plain_model():
     assert unloaded is model and not lora_layers(model)
     assert list(model.state_dict()) == list(base.state_dict())
     torch.testing.assert_close(model(ids).logits, adapted_logits, atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match="no LoRA layers"):
+    with pytest.raises(LoRAError, match="no LoRA layers"):
         merge_lora(model)
 
 
@@ -424,9 +424,9 @@ def test_save_then_load_and_resume_our_own_adapter(tmp_path):
     assert torch.equal(resumed(ids).logits, model(ids).logits)
 
     other_rank = inject_lora(copy.deepcopy(base), LoRAConfig(r=8, alpha=8, target_modules="all-linear"))
-    with pytest.raises(UserError, match="r=4"):
+    with pytest.raises(LoRAError, match="r=4"):
         load_adapter_weights(other_rank, tmp_path)
-    with pytest.raises(UserError, match="already has LoRA"):
+    with pytest.raises(LoRAError, match="already has LoRA"):
         load_adapter(resumed, tmp_path)
-    with pytest.raises(UserError, match="unwrap_model"):
+    with pytest.raises(LoRAError, match="unwrap_model"):
         save_adapter(nn.Sequential(model), tmp_path / "wrapped")

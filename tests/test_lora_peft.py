@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_lora import random_ids, randomize_adapters, tiny_model
 from torch import nn
 
-from engine.errors import UserError
+from lora.errors import LoRAError
 from lora import (
     LoRAConfig,
     disable_adapters,
@@ -193,23 +193,23 @@ def _peft_save(tmp_path):
 
 
 def test_load_adapter_refuses_missing_unexpected_and_misshapen_keys(tmp_path):
-    """PEFT only warns on such files and runs with zero/random adapters; we raise a UserError naming the key."""
+    """PEFT only warns on such files and runs with zero/random adapters; we raise a LoRAError naming the key."""
     base = _peft_save(tmp_path)
     weights = tmp_path / ADAPTER_WEIGHTS_NAME
     state = load_file(weights)
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
 
     save_file({k: v for k, v in state.items() if k != key}, weights)
-    with pytest.raises(UserError, match="1 missing") as info:
+    with pytest.raises(LoRAError, match="1 missing") as info:
         load_adapter(copy.deepcopy(base), tmp_path)
     assert key in str(info.value)
 
     save_file({**state, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)}, weights)
-    with pytest.raises(UserError, match="1 unexpected"):
+    with pytest.raises(LoRAError, match="1 unexpected"):
         load_adapter(copy.deepcopy(base), tmp_path)
 
     save_file({**state, key: torch.zeros(32, 5)}, weights)
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(LoRAError, match="shape"):
         load_adapter(copy.deepcopy(base), tmp_path)
 
 
@@ -217,10 +217,10 @@ def test_load_adapter_refuses_missing_unexpected_and_misshapen_keys(tmp_path):
                                               ("modules_to_save", ["lm_head"]), ("peft_type", "IA3")])
 def test_load_adapter_refuses_peft_features_it_does_not_implement(tmp_path, field, value):
     """DoRA, per-module ranks, extra trained modules, other PEFT methods would load without error and
-    compute something else; refuse with a UserError naming the field."""
+    compute something else; refuse with a LoRAError naming the field."""
     base = _peft_save(tmp_path)
     config_path = tmp_path / ADAPTER_CONFIG_NAME
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, field: value}))
-    with pytest.raises(UserError, match=field):
+    with pytest.raises(LoRAError, match=field):
         load_adapter(copy.deepcopy(base), tmp_path)

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from engine.errors import UserError
+from losses.errors import LossError
 from losses import (
     LOSSES,
     LossOptions,
@@ -270,8 +270,8 @@ def test_reference_free_rewards_use_average_logps():
 
 
 def test_unknown_loss_lists_available_names():
-    """A typo is a UserError naming every registered loss (19 of them), not a KeyError."""
-    with pytest.raises(UserError, match="unknown loss_type 'sigmod'.*aot, aot_unpaired, apo_down") as info:
+    """A typo is a LossError naming every registered loss (19 of them), not a KeyError."""
+    with pytest.raises(LossError, match="unknown loss_type 'sigmod'.*aot, aot_unpaired, apo_down") as info:
         preference_loss(["sigmod"], None, PAIRS, LossOptions())
     assert all(name in str(info.value) for name in LOSSES)
     assert len(LOSSES) == 19
@@ -297,10 +297,10 @@ def test_unknown_loss_lists_available_names():
     ],
 )
 def test_validate_loss_config_rejects(loss_types, kwargs, message):
-    """Settings TRL 1.16 rejects (or that are meaningless) raise a UserError naming the fix."""
+    """Settings TRL 1.16 rejects (or that are meaningless) raise a LossError naming the fix."""
     options = kwargs.pop("options", LossOptions())
     loss_weights = kwargs.pop("loss_weights", None)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(LossError, match=message):
         validate_loss_config(loss_types, loss_weights, options, **kwargs)
 
 
