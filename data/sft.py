@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from data.common import common_prefix_length
+from data.errors import DataError
 from data.formats import (
     CONVERSATIONAL_FORMATS,
     CONVERSATIONS,
@@ -55,7 +56,6 @@ from data.formats import (
     detect_sft_format,
 )
 from data.packing import PACKING_STRATEGIES, pack_examples
-from data.errors import DataError
 
 IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_start", "keep_end")

@@ -16,8 +16,8 @@ import re
 
 from torch import nn
 
-from lora.errors import LoRAError
 from lora.config import ALL_LINEAR, LoRAConfig
+from lora.errors import LoRAError
 from lora.layer import LoRALinear
 
 # The config used by `inject_lora`, kept on the model so `save_adapter` can write adapter_config.json.

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora.errors import LoRAError
 from lora.config import LoRAConfig
+from lora.errors import LoRAError
 from lora.inject import CONFIG_ATTRIBUTE, inject_lora, lora_layers, lora_parameters
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"

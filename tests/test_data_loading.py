@@ -9,8 +9,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from data.defaults import DEFAULT_SFT_DATASET
-from data.loading import load_dataset_splits
 from data.errors import DataError
+from data.loading import load_dataset_splits
 
 ROWS = [{"text": "a"}, {"text": "b"}, {"text": "c"}]
 

@@ -12,6 +12,7 @@ import pytest
 from datasets import Dataset
 from test_data_sft import CHATML_TEMPLATE, MESSAGES_ROWS, build_tokenizer
 
+from data.errors import DataError
 from data.formats import (
     COLUMN_PRESETS,
     CONVERSATIONS,
@@ -25,7 +26,6 @@ from data.formats import (
     parse_column_map,
 )
 from data.sft import prepare_sft_dataset
-from data.errors import DataError
 
 NO_GENERATION_TEMPLATE = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
-from lora.errors import LoRAError
 from lora import (
     LoRAConfig,
     LoRALinear,
@@ -33,6 +32,7 @@ from lora import (
     unload,
     unmerge_lora,
 )
+from lora.errors import LoRAError
 
 TINY = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

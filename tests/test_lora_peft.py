@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from test_lora import random_ids, randomize_adapters, tiny_model
 from torch import nn
 
-from lora.errors import LoRAError
 from lora import (
     LoRAConfig,
     disable_adapters,
@@ -27,6 +26,7 @@ from lora import (
     save_adapter,
     trainable_parameter_summary,
 )
+from lora.errors import LoRAError
 from lora.peft_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 # (architecture, our LoRAConfig kwargs): q/v as in the LoRA paper, all-linear with rsLoRA, and a regex.

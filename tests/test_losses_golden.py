@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 
-from losses.errors import LossError
 from losses import (
     LOSSES,
     LossOptions,
@@ -28,6 +27,7 @@ from losses import (
     validate_loss_config,
     wpo_weights,
 )
+from losses.errors import LossError
 
 LN2 = math.log(2)
 
