@@ -120,7 +120,8 @@ def reading(path: Path, *, what: str = "checkpoint file") -> Iterator[None]:
     except UserError:
         raise
     except _damage_errors() as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        detail = text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
         raise UserError(f"cannot read {what} {path}: the file is damaged or not what a checkpoint writes "
-                        f"({type(error).__name__}: {detail[:200]}); resume from another checkpoint or "
+                        f"({type(error).__name__}: {detail}); resume from another checkpoint or "
                         "`--resume_from_checkpoint latest`") from error

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -106,15 +107,63 @@ class StorageError(UserError):
         return StorageError(self.what, self.path, self.error, survived)
 
 
+# Writers that do not raise OSError: safetensors (Rust) says "... (os error 28)"; torch.save's C++ writer says
+# "basic_ios::clear: iostream error" / "unexpected pos" and loses the errno (with a Python file object the OSError
+# is its __context__).
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+_WRITER_IO_FAILURE = re.compile(r"iostream error|unexpected pos|file write failed|PytorchStreamWriter failed")
+_LOW_SPACE = 1 << 20
+
+
+def _diagnose(path: Path) -> int | None:
+    """Why writing under `path` fails, read from the file system itself (for writers that lost the errno)."""
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    if stats.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if min(stats.f_bavail, stats.f_bfree) * stats.f_frsize < _LOW_SPACE:
+        return errno.ENOSPC
+    if not os.access(folder, os.W_OK):
+        return errno.EACCES
+    return None
+
+
+def as_os_error(error: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The OSError behind a failed write, whichever writer raised it; None when it was not the storage."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    text = str(error)
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if _WRITER_IO_FAILURE.search(text):
+        diagnosed = _diagnose(Path(path))
+        if diagnosed is not None:
+            return OSError(diagnosed, os.strerror(diagnosed))
+    return None
+
+
 @contextmanager
 def writing(what: str, path: str | os.PathLike, survived: Any = _UNKNOWN) -> Iterator[None]:
-    """Turn an OSError raised inside into one StorageError line about `what` at `path`."""
+    """Turn a failed write inside (an OSError, or torch's / safetensors' wrapping of one) into one StorageError
+    line about `what` at `path`. Other errors pass through unchanged."""
     try:
         yield
     except StorageError:
         raise
-    except OSError as error:
-        raise StorageError(what, getattr(error, "filename", None) or path, error, survived) from error
+    except Exception as error:
+        os_error = as_os_error(error, path)
+        if os_error is None:
+            raise
+        raise StorageError(what, getattr(os_error, "filename", None) or path, os_error, survived) from error
 
 
 def _fsync_tree(folder: Path) -> None:
