@@ -134,21 +134,23 @@ def _diagnose(path: Path) -> int | None:
 
 
 def as_os_error(error: BaseException, path: str | os.PathLike) -> OSError | None:
-    """The OSError behind a failed write, whichever writer raised it; None when it was not the storage."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError):
-            return cause
-        cause = cause.__cause__ or cause.__context__
+    """The OSError behind a failed write, whichever writer raised it; None when it was not the storage (an error
+    that merely happened while another OSError was being handled is not taken for a write failure)."""
+    if isinstance(error, OSError):
+        return error
     text = str(error)
     code = _OS_ERROR_CODE.search(text)
     if code:
         return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
-    if _WRITER_IO_FAILURE.search(text):
-        diagnosed = _diagnose(Path(path))
-        if diagnosed is not None:
-            return OSError(diagnosed, os.strerror(diagnosed))
-    return None
+    if not _WRITER_IO_FAILURE.search(text):
+        return None
+    cause = error.__cause__ or error.__context__
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    diagnosed = _diagnose(Path(path))
+    return OSError(diagnosed, os.strerror(diagnosed)) if diagnosed is not None else None
 
 
 @contextmanager

@@ -228,3 +228,26 @@ def test_free_bytes_on_a_small_disk(tmp_path):
         assert storage.free_bytes(disk) == CAPACITY
         with pytest.raises(UserError, match="it needs about 1.10 MB, 0.26 MB are free"):
             storage.require_free_space(disk, 1_048_576, what="checkpoint 1")
+
+
+def test_writer_failures_without_an_errno_are_recognised_and_bugs_are_not():
+    """safetensors (Rust) and torch's C++ writer do not raise OSError; a bug that merely ran while an OSError was
+    being handled is not a storage fault."""
+    assert storage.as_os_error(RuntimeError("Error while serializing: I/O error: No space left on device "
+                                            "(os error 28)"), "/x").errno == errno.ENOSPC
+    try:
+        try:
+            raise _oserror(errno.EDQUOT)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+    except RuntimeError as wrapped:
+        assert storage.as_os_error(wrapped, "/x").errno == errno.EDQUOT
+    try:
+        try:
+            raise FileNotFoundError("config.json")
+        except OSError:
+            raise KeyError("a bug")  # noqa: B904
+    except KeyError as bug:
+        assert storage.as_os_error(bug, "/x") is None
+        with pytest.raises(KeyError), storage.writing("the model card", "/x"):
+            raise bug
