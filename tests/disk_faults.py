@@ -5,9 +5,10 @@
 
 - "tmpfs": `mount -t tmpfs -o size=<capacity>` (needs root, or CAP_SYS_ADMIN); the kernel raises ENOSPC from any
   writer (Python, torch's C++ writer, safetensors' Rust writer). Unmounted afterwards.
-- "patched": Python's `open` (so also pathlib and `torch.save(obj, path)`, routed through it) is wrapped for paths
-  under the folder: the writes are counted and the one that would pass `capacity` raises OSError(ENOSPC) after
-  writing what fits, as a full disk does. Writers that bypass Python's file objects (safetensors) are not limited.
+- "patched": Python's `open` (so also pathlib, and `torch.save(obj, path)` and safetensors' `save_file` as used by
+  save_pretrained and lora/, routed through it) is wrapped for paths under the folder: the writes are counted and
+  the one that would pass `capacity` raises OSError(ENOSPC) after writing what fits, as a full disk does. Writers
+  reached by another name are not limited.
 
 `DISK_KINDS` holds the kinds this machine offers, so a test parameterised over it runs on the real tmpfs here and
 on the patched writer everywhere.
@@ -95,8 +96,18 @@ def _patched(folder: Path, capacity: int):
                 return real_save(obj, handle, *args, **kwargs)
         return real_save(obj, f, *args, **kwargs)
 
+    def limited_safetensors(tensors, filename, metadata=None):
+        from safetensors.torch import save
+
+        with limited_open(filename, "wb") as handle:
+            handle.write(save(tensors, metadata=metadata))
+
+    # safetensors' Rust writer bypasses Python's files: route it (and the names that import it) through them.
     with mock.patch("builtins.open", limited_open), mock.patch("io.open", limited_open), \
-            mock.patch("torch.save", limited_save):
+            mock.patch("torch.save", limited_save), \
+            mock.patch("safetensors.torch.save_file", limited_safetensors), \
+            mock.patch("transformers.modeling_utils.safe_save_file", limited_safetensors), \
+            mock.patch("lora.peft_io.save_file", limited_safetensors):
         yield folder
 
 

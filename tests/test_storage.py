@@ -250,3 +250,26 @@ def test_writer_failures_without_an_errno_are_recognised_and_bugs_are_not():
         assert storage.as_os_error(bug, "/x") is None
         with pytest.raises(KeyError), storage.writing("the model card", "/x"):
             raise bug
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_the_engines_own_checkpoint_writers_on_a_full_disk_give_one_line(tmp_path, kind, tiny_model_dir):
+    """save_pretrained (safetensors) + tokenizer + torch.save of the optimizer, as engine/loop.py's checkpoint
+    writes them, into a disk too small for the weights: the safetensors / torch errors come out as one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    weights = storage.tensor_bytes(model.state_dict())
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        torch.save({"state": {}}, folder / "optimizer.pt")
+
+    with limited_disk(tmp_path, weights // 2, kind) as disk:
+        with pytest.raises(storage.StorageError) as caught:
+            storage.atomic_folder(disk / "checkpoint-1", write, what="checkpoint 1")
+        assert str(caught.value).startswith(f"could not write checkpoint 1 ({disk}/.tmp-checkpoint-1")
+        assert "no space left on the device [ENOSPC]" in str(caught.value)
+        assert list(disk.iterdir()) == []
