@@ -19,6 +19,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,10 +39,20 @@ def _files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """Checksums of several files at once: hashlib releases the GIL, so the big files (weights, optimizer state)
+    hash in parallel (~0.6 GB/s per core measured here)."""
+    if len(paths) < 2:
+        return [_sha256(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(folder: Path) -> Path:
     """Record the size and sha256 of every file in `folder` (sub-folders included) in folder/manifest.json."""
-    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
-             for path in _files_of(folder)}
+    paths = _files_of(folder)
+    files = {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": digest}
+             for path, digest in zip(paths, _sha256_all(paths), strict=True)}
     manifest = folder / MANIFEST_FILE
     manifest.write_text(json.dumps({"format": _FORMAT, "files": files}, indent=1) + "\n")
     return manifest
@@ -58,20 +69,23 @@ def damaged_files(folder: Path, *, checksums: bool = True) -> list[str] | None:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return [f"{MANIFEST_FILE} is damaged (not the JSON a checkpoint writes)"]
-    problems = []
+    problems: dict[str, str] = {}
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
-            problems.append(f"{name} is missing")
+            problems[name] = f"{name} is missing"
             continue
         size = path.stat().st_size
         if size < expected["size"]:
-            problems.append(f"{name} is truncated ({size} of {expected['size']} bytes)")
+            problems[name] = f"{name} is truncated ({size} of {expected['size']} bytes)"
         elif size > expected["size"]:
-            problems.append(f"{name} has the wrong size ({size} bytes, {expected['size']} written)")
-        elif checksums and _sha256(path) != expected["sha256"]:
-            problems.append(f"{name} is damaged (its sha256 differs from the one written with it)")
-    return problems
+            problems[name] = f"{name} has the wrong size ({size} bytes, {expected['size']} written)"
+    if checksums:
+        to_hash = [name for name in files if name not in problems]
+        for name, digest in zip(to_hash, _sha256_all([folder / name for name in to_hash]), strict=True):
+            if digest != files[name]["sha256"]:
+                problems[name] = f"{name} is damaged (its sha256 differs from the one written with it)"
+    return [problems[name] for name in files if name in problems]
 
 
 def verify_checkpoint(folder: Path) -> str | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.storage import writing
 
 LOCK_FILE = ".nanopost-run.lock"
 HEARTBEAT_S = 30.0
@@ -61,9 +62,10 @@ class RunLock:
     # ------------------------------------------------------------------ taking the lock
     def acquire(self) -> str | None:
         """Take the lock; returns a note when it took over a dead run's lock, raises UserError when it is held."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            with writing("the run lock", self.path):  # a read-only or full output folder: one line
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -80,7 +82,8 @@ class RunLock:
             os.close(fd)
         try:
             note = self._take_over_note(fd)
-            self._write(fd)
+            with writing("the run lock", self.path):
+                self._write(fd)
         except BaseException:
             os.close(fd)
             raise

@@ -132,3 +132,18 @@ def test_with_two_processes_only_the_main_one_takes_the_lock_and_both_stop_alike
     assert all(line.split(": ", 1)[1].startswith(expected) for line in lines), lines
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # the same line on both
     assert sorted(p.name for p in output_dir.glob("tried-by-*")) == ["tried-by-rank-0"]  # only main tried
+
+
+def test_an_output_folder_that_cannot_hold_the_lock_gives_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from engine.storage import StorageError
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(StorageError) as caught:
+        RunLock(tmp_path).acquire()
+    assert str(caught.value) == (f"could not write the run lock ({tmp_path / LOCK_FILE}): the file system is "
+                                 "read-only [EROFS]")
