@@ -71,8 +71,7 @@ def resume_command(checkpoint: Path, argv: list[str] | None = None) -> str:
             skip_value = True
         elif not arg.startswith("--resume_from_checkpoint="):
             kept.append(arg)
-    command = shlex.join(["python", "train.py", *kept, "--resume_from_checkpoint", str(checkpoint)])
-    return command.replace("'...'", "...")
+    return shlex.join(["python", "train.py", *kept, "--resume_from_checkpoint", str(checkpoint)])
 
 
 def survival_sentence(survived: Path | None, fix: str = "fix the cause") -> str:
