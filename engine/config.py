@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -222,6 +223,10 @@ class TrainConfig:
                 values[key] = default
         if values["output_dir"] is None:
             values["output_dir"] = f"output/{self.method}"
+        if values["metric_for_best_model"] is None and (self.load_best_model_at_end or self.save_strategy == "best"):
+            values["metric_for_best_model"] = "loss"  # TRL's default
+        if values["metric_for_best_model"] is not None and values["greater_is_better"] is None:
+            values["greater_is_better"] = not values["metric_for_best_model"].endswith("loss")  # as transformers
         report_to = values["report_to"] or ["none"]
         values["report_to"] = installed_trackers() if report_to == ["all"] else [n for n in report_to if n != "none"]
         return TrainConfig(**values)
@@ -258,6 +263,12 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_bool_or_none(text: str) -> bool | None:
+    """TRL's optional booleans (`--bf16 None`): none/null means "the default"."""
+    return None if str(text).strip().lower() in ("none", "null") else parse_bool(text)
+
+
+@functools.cache
 def _field_types() -> dict[str, tuple[Any, bool]]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: _strip_optional(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
@@ -267,6 +278,8 @@ def _convert(name: str, value: Any) -> Any:
     """Convert a YAML value (or a flag string) to the field's type, with a clear error."""
     base, optional = _field_types()[name]
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    if optional and isinstance(value, list) and [str(v).lower() for v in value] in (["none"], ["null"]):
         return None
     try:
         if typing.get_origin(base) is list:
@@ -296,7 +309,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_flag(group, name: str, base: Any, help_text: str) -> None:
     help_text = help_text.replace("%", "%%")  # argparse %-formats help strings ({% generation %} would crash it)
     if base is bool:
-        group.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, help=help_text)
+        group.add_argument(f"--{name}", type=_parse_bool_or_none, nargs="?", const=True, help=help_text)
     elif typing.get_origin(base) is list:
         group.add_argument(f"--{name}", nargs="*" if typing.get_args(base) == (Any,) else "+", help=help_text)
     else:
@@ -352,6 +365,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if flags.get("config"):
         values.update({k: _convert(k, v) for k, v in apply_trl_flags(load_yaml(flags["config"])).items()})
     values.update({k: _convert(k, v) for k, v in flags.items()})
+    types_ = _field_types()
+    values = {k: v for k, v in values.items() if v is not None or types_[k][1]}  # `none` on a plain field: default
     if values.get("model_name_or_path") is None:
         method = values.get("method", "sft")
         values = {**BUILTIN_MODEL_DEFAULTS.get(method, {}), **values}

@@ -26,6 +26,12 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_tor
               "adagrad", "rmsprop")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_TASK_TYPES = ("CAUSAL_LM",)
+# What evaluation reports (engine/sft.py, engine/dpo.py), each also logged with TRL's eval_ prefix.
+EVAL_METRICS = {
+    "sft": ("loss", "entropy", "mean_token_accuracy"),
+    "dpo": ("loss", "entropy", "mean_token_accuracy", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+            "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"),
+}
 
 
 def installed_trackers() -> list[str]:
@@ -108,8 +114,10 @@ def _validate_loop_flags(config: TrainConfig, bad) -> None:
     if config.eval_delay < 0:
         raise bad("eval_delay", "must be >= 0")
     best_needs_metric = config.load_best_model_at_end or config.save_strategy == "best"
-    if config.metric_for_best_model is not None and not config.metric_for_best_model.strip():
-        raise bad("metric_for_best_model", "must name an eval metric, e.g. loss or eval_rewards/accuracies")
+    metric = config.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") not in EVAL_METRICS[config.method]:
+        raise bad("metric_for_best_model", f"{config.method} evaluation reports "
+                  f"{', '.join(EVAL_METRICS[config.method])} (with or without the eval_ prefix)")
     if config.load_best_model_at_end:
         if config.eval_strategy == "no":
             raise bad("load_best_model_at_end", "needs evaluation: set --eval_strategy steps or epoch")

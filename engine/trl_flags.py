@@ -105,6 +105,7 @@ REFUSED: dict[str, TrlFlag] = {
     "activation_offloading": TrlFlag(False, "activation offloading is not supported; use --gradient_checkpointing"),
     "enable_jit_checkpoint": TrlFlag(False, "checkpoints are written every --save_steps; stop a run with Ctrl-C "
                                             "(it saves before exiting)"),
+    "optim_target_modules": TrlFlag(None, "GaLore / APOLLO optimizers are not supported; see --optim"),
     "auto_find_batch_size": TrlFlag(False, "give --per_device_train_batch_size (and --gradient_accumulation_steps)"),
     "torch_empty_cache_steps": TrlFlag(None, "not supported; PyTorch's caching allocator frees memory itself"),
     "full_determinism": TrlFlag(False, "not supported; --seed fixes init, data order and dropout"),
