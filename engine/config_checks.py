@@ -40,7 +40,8 @@ def installed_trackers() -> list[str]:
 
 def validate_config(config: TrainConfig) -> None:
     def bad(name: str, why: str) -> UserError:
-        return UserError(f"--{name} {getattr(config, name)!r}: {why}")
+        shown = "<hidden>" if name == "hub_token" else repr(getattr(config, name))  # a secret stays off the screen
+        return UserError(f"--{name} {shown}: {why}")
 
     if config.method not in METHODS:
         raise bad("method", f"must be one of {', '.join(METHODS)}")

@@ -206,4 +206,5 @@ def warn_awaiting_loop(config, defaults, warn=None) -> None:
     for name in AWAITING_LOOP:
         value = getattr(config, name)
         if value != getattr(defaults, name):
+            value = "<hidden>" if name == "hub_token" else value
             warn(f"--{name} {value} is validated but the training loop does not apply it yet (issue 9, phase 2)")

@@ -124,6 +124,7 @@ def test_course_notebook_dpo_config_as_yaml(tmp_path):
      "--metric_for_best_model 'bleu': sft evaluation reports loss"),
     (["--greater_is_better", "true"], "needs --metric_for_best_model"),
     (["--hub_model_id", "you/model"], "--hub_model_id 'you/model': is only used when pushing; add --push_to_hub"),
+    (["--hub_token", "hf_secret"], "--hub_token <hidden>: is only used when pushing"),
     (["--push_to_hub", "--hub_model_id", "not a repo"], "must be a Hub repo id"),
     (["--push_to_hub", "--hub_strategy", "checkpoint"], "pushing checkpoints is not supported"),
     (["--report_to", "mlflow"], "unknown tracker 'mlflow'"),

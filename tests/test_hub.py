@@ -115,8 +115,10 @@ def test_no_push_no_check(tmp_path):
     assert hub.preflight(parse_config(["--output_dir", str(tmp_path)])) is None
 
 
-def test_the_token_never_reaches_the_saved_config():
-    """train_config.json is written next to the model and uploaded with it: the token is blanked."""
+def test_the_token_never_reaches_the_saved_config_or_stderr(capsys):
+    """train_config.json is written next to the model and uploaded with it: the token is blanked; warnings that
+    echo flag values hide it."""
     from engine.config import config_to_dict
 
     assert config_to_dict(parse_config(["--push_to_hub", "--hub_token", "hf_secret"]))["hub_token"] is None
+    assert "hf_secret" not in capsys.readouterr().err
