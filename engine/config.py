@@ -103,7 +103,7 @@ class TrainConfig:
     lr_scheduler_type: str = _doc("linear, cosine, constant or constant_with_warmup.", default="linear")
     lr_scheduler_kwargs: dict[str, Any] | None = _doc("Extra scheduler arguments as JSON, e.g. '{\"num_cycles\": 1}'.",
                                                        default=None)
-    optim: str = _doc("adamw_torch(_fused), adamw_hf, sgd, adagrad or rmsprop (AdamW: TRL's fused default).",
+    optim: str = _doc("adamw_torch_fused (TRL's default), adamw_torch, sgd, adagrad or rmsprop.",
                       default="adamw_torch_fused")
     optim_args: str | None = _doc("Extra optimizer arguments, e.g. 'momentum=0.9,nesterov=True'.", default=None)
     warmup_steps: int = _doc("Linear warmup steps (takes precedence over warmup_ratio).", default=0)

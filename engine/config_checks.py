@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from engine.errors import UserError
+from engine.optim import OPTIM_ARGS, parse_optim_args
 
 if TYPE_CHECKING:
     from engine.config import TrainConfig
@@ -22,8 +23,6 @@ TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "trackio"
             "wandb": ("wandb", "pip install wandb")}
 INTERVALS = ("no", "steps", "epoch")
 HUB_STRATEGIES = ("end", "every_save")  # TRL's default is every_save: here the one push is at the end
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_torch_8bit", "adamw_hf", "sgd",
-              "adagrad", "rmsprop")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_TASK_TYPES = ("CAUSAL_LM",)
 # What evaluation reports (engine/sft.py, engine/dpo.py), each also logged with TRL's eval_ prefix.
@@ -130,8 +129,9 @@ def _validate_loop_flags(config: TrainConfig, bad) -> None:
                       "with --load_best_model_at_end")
     if config.greater_is_better is not None and not best_needs_metric and config.metric_for_best_model is None:
         raise bad("greater_is_better", "needs --metric_for_best_model (or --load_best_model_at_end)")
-    if config.optim not in OPTIMIZERS:
-        raise bad("optim", f"must be one of {', '.join(OPTIMIZERS)}")
+    if config.optim not in OPTIM_ARGS:
+        raise bad("optim", f"must be one of {', '.join(OPTIM_ARGS)} (other transformers optimizers: not supported)")
+    parse_optim_args(config.optim, config.optim_args)
     if config.dtype is not None and config.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
     if config.data_seed is not None and config.data_seed < 0:
