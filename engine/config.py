@@ -319,6 +319,7 @@ def _add_flag(group, name: str, base: Any, help_text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="train.py",
+        usage="python train.py [--config run.yaml] [--FLAG VALUE ...]",
         description="SFT and DPO post-training in plain PyTorch. Flag names follow TRL's `trl sft` / `trl dpo`; "
                     "FLAGS.md lists every TRL flag and what nanopost does with it.",
         argument_default=argparse.SUPPRESS,  # only flags actually given override the YAML file
