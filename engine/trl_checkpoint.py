@@ -3,6 +3,7 @@ like TRL's and a TRL checkpoint given to --resume_from_checkpoint is recognised 
 
     write_trainer_state(folder, ...)   trainer_state.json that `transformers.TrainerState.load_from_json` loads
     checkpoint_kind(folder)            "nanopost" | "trainer" | None, and `describe_trainer_checkpoint` for errors
+    refuse_trainer_checkpoint(folder)  --resume_from_checkpoint: one line saying what a Trainer checkpoint is
 
 nanopost's own resume bookkeeping (data position, metric window, method) lives in a file of its own
 (`NANOPOST_STATE_FILE`, phase 2 of issue 9), so trainer_state.json can hold exactly TrainerState's fields.
@@ -14,6 +15,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from engine.errors import UserError
 
 TRAINER_STATE_FILE = "trainer_state.json"
 NANOPOST_STATE_FILE = "nanopost_state.json"
@@ -70,3 +73,12 @@ def describe_trainer_checkpoint(folder: str | os.PathLike) -> str:
     files = [name for name in TRAINER_FILES if (folder / name).is_file()]
     return (f"a transformers/TRL Trainer checkpoint at step {state['global_step']} "
             f"(epoch {state.get('epoch', 0):g}; {weights}; {', '.join(files) or 'no optimizer state'})")
+
+
+def refuse_trainer_checkpoint(folder: str | os.PathLike) -> None:
+    """--resume_from_checkpoint with a transformers/TRL Trainer checkpoint: say what it is and what works instead
+    (its weights load as a starting model), rather than failing on our bookkeeping keys it does not have."""
+    if checkpoint_kind(folder) == "trainer":
+        raise UserError(f"--resume_from_checkpoint {folder}: {describe_trainer_checkpoint(folder)}; resuming its "
+                        f"optimizer and data position is not supported: start a new run from its weights with "
+                        f"--model_name_or_path {folder}")

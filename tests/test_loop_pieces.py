@@ -15,7 +15,12 @@ from engine.neftune import add_neftune_hook, neftune_noise
 from engine.optim import build_optimizer
 from engine.prompt_truncation import truncate_prompt
 from engine.ref_sync import should_sync, sync_reference
-from engine.trl_checkpoint import checkpoint_kind, describe_trainer_checkpoint, write_trainer_state
+from engine.trl_checkpoint import (
+    checkpoint_kind,
+    describe_trainer_checkpoint,
+    refuse_trainer_checkpoint,
+    write_trainer_state,
+)
 
 
 def _params():
@@ -132,6 +137,10 @@ def test_checkpoint_kinds(tmp_path):
                                                                                      "trainer", None]
     assert describe_trainer_checkpoint(trainer) == (
         "a transformers/TRL Trainer checkpoint at step 500 (epoch 1; full model; optimizer.pt, scheduler.pt)")
+    with pytest.raises(UserError, match=r"checkpoint-500: a transformers/TRL Trainer checkpoint at step 500 .*"
+                                        r"--model_name_or_path .*checkpoint-500$"):
+        refuse_trainer_checkpoint(trainer)
+    refuse_trainer_checkpoint(ours_old)  # ours: no objection
 
 
 def test_max_prompt_length_keeps_the_end_of_the_prompt():
