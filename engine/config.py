@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import functools
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config_checks import installed_trackers, validate_config
 from engine.errors import UserError
-
-METHODS = ("sft", "dpo")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-REPORT_TO = ("none", "tensorboard", "trackio", "wandb")
+from engine.trl_flags import AWAITING_LOOP, INERT, REFUSED, RENAMED, apply_trl_flags, warn_awaiting_loop
 
 # Defaults that differ by method, as in TRL 1.16's SFTConfig / DPOConfig.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -87,13 +86,26 @@ class TrainConfig:
         "SFT: train only on completions (default: on when the data has prompt+completion).", default=None
     )
     assistant_only_loss: bool = _doc("SFT: train only on assistant turns ({% generation %} template).", default=False)
+    max_prompt_length: int | None = _doc(
+        "DPO, TRL < 1.0: keep only the last N prompt tokens (older TRL's max_prompt_length).", default=None)
+    padding_free: bool = _doc("Flatten each batch into one row without padding (as TRL).", default=False)
+    pad_to_multiple_of: str | None = _doc("Pad batches to a multiple of N tokens (auto: no padding off Neuron).",
+                                          default="auto")
+    dataloader_drop_last: bool = _doc("Drop the last incomplete batch of each epoch.", default=False)
+    data_seed: int | None = _doc("Seed of the data order (default: --seed).", default=None)
+    group_by_length: bool = _doc("Older transformers: batch rows of similar length together.", default=False)
 
-    # --- optimisation
+    # --- training
     output_dir: str | None = _doc("Where the model, checkpoints and metrics go (default: output/<method>).", default=None)
     learning_rate: float | None = _doc(
         "Peak AdamW learning rate (TRL's: sft 2e-5, dpo 1e-6; built-in tiny models: sft 2e-3, dpo 3e-5).",
         default=None)
     lr_scheduler_type: str = _doc("linear, cosine, constant or constant_with_warmup.", default="linear")
+    lr_scheduler_kwargs: dict[str, Any] | None = _doc("Extra scheduler arguments as JSON, e.g. '{\"num_cycles\": 1}'.",
+                                                       default=None)
+    optim: str = _doc("adamw_torch_fused (TRL's default), adamw_torch, sgd, adagrad or rmsprop.",
+                      default="adamw_torch_fused")
+    optim_args: str | None = _doc("Extra optimizer arguments, e.g. 'momentum=0.9,nesterov=True'.", default=None)
     warmup_steps: int = _doc("Linear warmup steps (takes precedence over warmup_ratio).", default=0)
     warmup_ratio: float = _doc("Warmup as a fraction of the total steps.", default=0.0)
     weight_decay: float = _doc("AdamW weight decay (not applied to biases and norms).", default=0.0)
@@ -109,23 +121,59 @@ class TrainConfig:
     seed: int = _doc("Random seed (model init, data order, dropout).", default=42)
     bf16: bool | None = _doc("bf16 mixed precision (default: on where supported, i.e. CUDA with bf16).", default=None)
     gradient_checkpointing: bool = _doc("Recompute activations in backward to save memory.", default=True)
-
-    # --- logging, evaluation, checkpoints
-    logging_steps: int = _doc("Log metrics every N optimizer steps.", default=10)
-    eval_steps: int | None = _doc(
-        "Evaluate on the test split every N steps and at the end (default: only at the end; 0: never).",
-        default=None)
-    save_steps: int = _doc("Save a checkpoint every N steps (0 disables).", default=500)
-    save_total_limit: int | None = _doc("Keep at most this many checkpoints (oldest deleted).", default=None)
-    resume_from_checkpoint: str | None = _doc("Checkpoint folder to continue from.", default=None)
-    report_to: str = _doc("Experiment tracker: none, tensorboard, trackio or wandb.", default="none")
-    run_name: str | None = _doc("Tracker run name.", default=None)
-    disable_tqdm: bool = _doc("Hide the progress bar.", default=False)
-
-    # --- SFT loss
+    gradient_checkpointing_kwargs: dict[str, Any] | None = _doc(
+        "JSON passed to gradient_checkpointing_enable, e.g. '{\"use_reentrant\": false}'.", default=None)
+    dtype: str | None = _doc("Load the weights in auto, float32, bfloat16 or float16 (TRL: float32).",
+                             default="float32")
+    use_cpu: bool = _doc("Train on the CPU even when a GPU is present.", default=False)
+    torch_compile: bool = _doc("Compile the model with torch.compile.", default=False)
+    torch_compile_backend: str | None = _doc("torch.compile backend (implies --torch_compile).", default=None)
+    torch_compile_mode: str | None = _doc("torch.compile mode (implies --torch_compile).", default=None)
+    neftune_noise_alpha: float | None = _doc("NEFTune: uniform noise on the input embeddings, scaled by "
+                                             "alpha / sqrt(L * d); TRL suggests 5 to 15.", default=None)
     loss_type: list[str] | None = _doc(
         "sft: nll. dpo: one or more of the registered preference losses (default sigmoid).", default=None
     )
+
+    # --- evaluation and saving
+    eval_strategy: str = _doc("When to evaluate: no, steps (--eval_steps) or epoch.", default="no")
+    eval_steps: int | None = _doc(
+        "Evaluate on the test split every N steps and at the end (default: only at the end; 0: never).",
+        default=None)
+    eval_on_start: bool = _doc("Evaluate once before the first step.", default=False)
+    eval_delay: float = _doc("Epochs or steps to wait before the first evaluation.", default=0.0)
+    save_strategy: str = _doc("When to save a checkpoint: no, steps, epoch or best.", default="steps")
+    save_steps: int = _doc("Save a checkpoint every N steps (0 disables).", default=500)
+    save_only_model: bool = _doc("Checkpoints hold the weights only (no optimizer/scheduler; cannot resume).",
+                                 default=False)
+    load_best_model_at_end: bool = _doc("End with the checkpoint of the best --metric_for_best_model.",
+                                        default=False)
+    metric_for_best_model: str | None = _doc("Eval metric that picks the best model (default: loss).",
+                                             default=None)
+    greater_is_better: bool | None = _doc("Whether a larger metric is better (default: false for loss).",
+                                          default=None)
+    save_total_limit: int | None = _doc("Keep at most this many checkpoints (oldest deleted).", default=None)
+    resume_from_checkpoint: str | None = _doc("Checkpoint folder to continue from.", default=None)
+
+    # --- logging
+    logging_strategy: str = _doc("When to log: no, steps (--logging_steps) or epoch.", default="steps")
+    logging_steps: int = _doc("Log metrics every N optimizer steps.", default=10)
+    logging_first_step: bool = _doc("Also log after the first step.", default=False)
+    report_to: list[str] | None = _doc("Trackers: one or more of tensorboard, trackio, wandb; all; or none.",
+                                       default=None)
+    project: str = _doc("trackio project name.", default="huggingface")
+    run_name: str | None = _doc("Tracker run name.", default=None)
+    disable_tqdm: bool = _doc("Hide the progress bar.", default=False)
+
+    # --- Hub
+    push_to_hub: bool = _doc("Upload the final model, tokenizer and model card to the Hub.", default=False)
+    hub_model_id: str | None = _doc("Repo to push to, e.g. you/my-model (default: the output folder's name).",
+                                    default=None)
+    hub_private_repo: bool | None = _doc("Create the repo private.", default=None)
+    hub_token: str | None = _doc("Hub token (default: HF_TOKEN or `hf auth login`).", default=None)
+    hub_strategy: str = _doc("end: push once, at the end (every_save, TRL's default, also pushes at the end).",
+                             default="every_save")
+    hub_revision: str | None = _doc("Branch to push to.", default=None)
 
     # --- DPO
     beta: float = _doc("DPO temperature: strength of the KL anchor to the reference (ORPO: its lambda).",
@@ -142,6 +190,11 @@ class TrainConfig:
     discopop_tau: float = _doc("Temperature of the DiscoPOP loss.", default=0.05)
     simpo_gamma: float = _doc("SimPO target reward margin gamma.", default=0.5)
     disable_dropout: bool = _doc("DPO: turn dropout off in policy and reference (as TRL).", default=True)
+    sync_ref_model: bool = _doc("TR-DPO: every ref_model_sync_steps, ref = alpha * policy + (1 - alpha) * ref.",
+                                default=False)
+    ref_model_mixup_alpha: float = _doc("TR-DPO: alpha of that mix.", default=0.6)
+    ref_model_sync_steps: int = _doc("TR-DPO: steps between syncs.", default=512)
+    demo_eval_samples: int = _doc("Held-out pairs for the DPO demo's report (0 disables).", default=200)
 
     # --- LoRA
     use_peft: bool = _doc("Train a LoRA adapter instead of the full model.", default=False)
@@ -153,9 +206,10 @@ class TrainConfig:
     )
     use_rslora: bool = _doc("rsLoRA scaling alpha / sqrt(r).", default=False)
     merge_adapter: bool = _doc("Also write the merged full model to <output_dir>/merged.", default=False)
-
-    # --- DPO demo report
-    demo_eval_samples: int = _doc("Held-out pairs for the DPO demo's report (0 disables).", default=200)
+    lora_task_type: str = _doc("PEFT task type (CAUSAL_LM).", default="CAUSAL_LM")
+    lora_modules_to_save: list[str] | None = _doc("Modules trained in full next to the adapter (e.g. lm_head).",
+                                                  default=None)
+    use_dora: bool = _doc("DoRA: LoRA plus a learned magnitude per output feature.", default=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,73 +223,24 @@ class TrainConfig:
                 values[key] = default
         if values["output_dir"] is None:
             values["output_dir"] = f"output/{self.method}"
+        if values["metric_for_best_model"] is None and (self.load_best_model_at_end or self.save_strategy == "best"):
+            values["metric_for_best_model"] = "loss"  # TRL's default
+        if values["metric_for_best_model"] is not None and values["greater_is_better"] is None:
+            values["greater_is_better"] = not values["metric_for_best_model"].endswith("loss")  # as transformers
+        report_to = values["report_to"] or ["none"]
+        values["report_to"] = installed_trackers() if report_to == ["all"] else [n for n in report_to if n != "none"]
         return TrainConfig(**values)
 
     def validate(self) -> None:
-        def bad(name: str, why: str) -> UserError:
-            return UserError(f"--{name} {getattr(self, name)!r}: {why}")
-
-        if self.method not in METHODS:
-            raise bad("method", f"must be one of {', '.join(METHODS)}")
-        if self.learning_rate is not None and not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
-            raise bad("learning_rate", "must be a finite number >= 0 (e.g. 2e-5)")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
-        if self.report_to not in REPORT_TO:
-            raise bad("report_to", f"must be one of {', '.join(REPORT_TO)}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
-        for name in ("logging_steps",):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be >= 1")
-        for name in ("save_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0")
-        if self.eval_steps is not None and self.eval_steps < 0:
-            raise bad("eval_steps", "must be >= 0 (0 disables evaluation)")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise bad("warmup_ratio", "must be in [0, 1)")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise bad("max_steps", "must be a positive number of steps, or -1 to use num_train_epochs")
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise bad("num_train_epochs", "must be > 0 (or set --max_steps)")
-        if self.max_grad_norm < 0:
-            raise bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", "must be >= 0")
-        if self.max_length is not None and self.max_length < 2:
-            raise bad("max_length", "must be at least 2 tokens")
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise bad("truncation_mode", "must be keep_start or keep_end")
-        if self.packing_strategy not in ("bfd", "wrapped"):
-            raise bad("packing_strategy", "must be bfd or wrapped")
-        if self.packing and self.max_length is None:
-            raise bad("max_length", "packing needs a max_length")
-        if not self.beta > 0:
-            raise bad("beta", "must be > 0 (it scales the log-ratio; try 0.1)")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise bad("label_smoothing", "must be in [0, 0.5) (0.5 makes the preference label pure noise)")
-        if self.loss_weights is not None and self.loss_type is not None and len(self.loss_weights) != len(self.loss_type):
-            raise UserError(
-                f"--loss_weights has {len(self.loss_weights)} values but --loss_type has {len(self.loss_type)}: "
-                "give one weight per loss type"
-            )
-        if self.f_divergence_type not in ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"):
-            raise bad("f_divergence_type", "must be reverse_kl, forward_kl, js_divergence or alpha_divergence")
-        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
-            raise bad("ld_alpha", "must be in [0, 1]")
-        if self.lora_r < 1:
-            raise bad("lora_r", "must be >= 1")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", "must be in [0, 1)")
-        if self.method == "sft" and self.loss_type not in (None, ["nll"]):
-            raise bad("loss_type", "sft supports nll only (preference losses need --method dpo)")
-        if self.demo_eval_samples < 0:
-            raise bad("demo_eval_samples", "must be >= 0")
+        validate_config(self)
 
 
 # ---------------------------------------------------------------------- parsing
+
+# --help groups: each starts at the named field and runs to the next group's first field (declaration order).
+HELP_GROUPS = {"method": "run", "model_name_or_path": "model", "dataset_name": "data", "output_dir": "training",
+               "eval_strategy": "evaluation and saving", "logging_strategy": "logging", "push_to_hub": "Hub",
+               "beta": "DPO", "use_peft": "LoRA"}
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:
@@ -258,6 +263,12 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_bool_or_none(text: str) -> bool | None:
+    """TRL's optional booleans (`--bf16 None`): none/null means "the default"."""
+    return None if str(text).strip().lower() in ("none", "null") else parse_bool(text)
+
+
+@functools.cache
 def _field_types() -> dict[str, tuple[Any, bool]]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: _strip_optional(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
@@ -268,18 +279,25 @@ def _convert(name: str, value: Any) -> Any:
     base, optional = _field_types()[name]
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         return None
+    if optional and isinstance(value, list) and [str(v).lower() for v in value] in (["none"], ["null"]):
+        return None
     try:
         if typing.get_origin(base) is list:
             (item_type,) = typing.get_args(base)
             items = value if isinstance(value, list) else [value]
             return [item_type(v) for v in items]
+        if typing.get_origin(base) is dict:  # TRL takes these as JSON strings on the command line
+            parsed = value if isinstance(value, dict) else json.loads(value)
+            if not isinstance(parsed, dict):
+                raise ValueError(value)
+            return parsed
         if base is bool:
             return parse_bool(value)
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return base(value)
     except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
-        type_name = getattr(base, "__name__", str(base))
+        type_name = "a JSON object" if typing.get_origin(base) is dict else getattr(base, "__name__", str(base))
         raise UserError(f"--{name} {value!r}: expected {type_name}") from error
 
 
@@ -288,21 +306,37 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python train.py --help)")
 
 
+def _add_flag(group, name: str, base: Any, help_text: str) -> None:
+    help_text = help_text.replace("%", "%%")  # argparse %-formats help strings ({% generation %} would crash it)
+    if base is bool:
+        group.add_argument(f"--{name}", type=_parse_bool_or_none, nargs="?", const=True, help=help_text)
+    elif typing.get_origin(base) is list:
+        group.add_argument(f"--{name}", nargs="*" if typing.get_args(base) == (Any,) else "+", help=help_text)
+    else:
+        group.add_argument(f"--{name}", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="train.py",
-        description="SFT and DPO post-training in plain PyTorch. Flag names follow TRL's `trl sft` / `trl dpo`.",
+        usage="python train.py [--config run.yaml] [--FLAG VALUE ...]",
+        description="SFT and DPO post-training in plain PyTorch. Flag names follow TRL's `trl sft` / `trl dpo`; "
+                    "FLAGS.md lists every TRL flag and what nanopost does with it.",
         argument_default=argparse.SUPPRESS,  # only flags actually given override the YAML file
     )
+    group = parser
     for f in dataclasses.fields(TrainConfig):
-        base, _ = _field_types()[f.name]
-        help_text = f.metadata.get("help", "")
-        if base is bool:
-            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, help=help_text)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(f"--{f.name}", nargs="+", help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", help=help_text)
+        if f.name in HELP_GROUPS:
+            group = parser.add_argument_group(HELP_GROUPS[f.name])
+        note = " [accepted and validated; not applied by the loop yet]" if f.name in AWAITING_LOOP else ""
+        _add_flag(group, f.name, _field_types()[f.name][0], f.metadata.get("help", "") + note)
+    compat = parser.add_argument_group("TRL flags without effect here (accepted at TRL's default)")
+    for name, flag in {**INERT, **REFUSED}.items():
+        kind = "no effect" if name in INERT else "not supported"
+        base = bool if isinstance(flag.default, bool) else list[Any] if isinstance(flag.default, list) else str
+        _add_flag(compat, name, base, f"{kind}: {flag.why} (TRL default: {flag.default!r}).")
+    for old, new in RENAMED.items():
+        _add_flag(compat, old, str, f"older TRL's name for --{new}.")
     return parser
 
 
@@ -318,7 +352,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from error
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(INERT) | set(REFUSED) | set(RENAMED)
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"--config {path}: unknown keys {', '.join(unknown)} (keys are the flag names of --help)")
@@ -327,16 +361,21 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags over YAML over defaults; returns the validated config with method defaults resolved."""
-    flags = vars(build_parser().parse_args(argv))
+    flags = apply_trl_flags(vars(build_parser().parse_args(argv)))
     values: dict[str, Any] = {}
     if flags.get("config"):
-        values.update({k: _convert(k, v) for k, v in load_yaml(flags["config"]).items()})
+        values.update({k: _convert(k, v) for k, v in apply_trl_flags(load_yaml(flags["config"])).items()})
     values.update({k: _convert(k, v) for k, v in flags.items()})
+    types_ = _field_types()
+    values = {k: v for k, v in values.items() if v is not None or types_[k][1]}  # `none` on a plain field: default
     if values.get("model_name_or_path") is None:
         method = values.get("method", "sft")
         values = {**BUILTIN_MODEL_DEFAULTS.get(method, {}), **values}
-    return TrainConfig(**values).resolved()
+    config = TrainConfig(**values).resolved()
+    warn_awaiting_loop(config, TrainConfig(method=config.method).resolved())
+    return config
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as saved next to the model (train_config.json, which --push_to_hub uploads): never the token."""
+    return {**dataclasses.asdict(config), "hub_token": None}

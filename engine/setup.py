@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.model import build_tiny_smollm3, load_model, load_tokenizer
+from engine.tracking import start_trackers
 
 LORA_CONFIG_FILE = "adapter_config.json"
 
@@ -27,7 +28,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     bf16 = config.bf16
     if bf16 is None:  # TRL's default is bf16 on; keep it where the hardware has bf16 (any CPU autocasts)
         bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
-    log_with = None if config.report_to == "none" else config.report_to
+    log_with = config.report_to or None  # resolved: a list of installed tracker names
     # Several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without GPUs: accelerate sets
     # up gloo data parallel only when told to use the CPU; otherwise each process silently trains alone.
     multi_process_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
@@ -38,13 +39,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         cpu=multi_process_cpu,
     )
     _check_sharding(config, accelerator)
-    if log_with is not None:
-        try:
-            accelerator.init_trackers(config.run_name or "nanopost", config={
-                k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))
-            })
-        except Exception as error:  # a tracker that is not installed or not logged in
-            raise UserError(f"--report_to {config.report_to}: could not start the tracker ({error})") from error
+    start_trackers(accelerator, config)
     return accelerator
 
 

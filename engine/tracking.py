@@ -2,6 +2,9 @@
 
 TRL logs the mean of the per-micro-batch values collected since the last log; `MetricWindow` does the same.
 Values are written at full precision (no rounding), one JSON object per logged step.
+
+Trackers (`--report_to`) are accelerate's. As in TRL, trackio files the run under `--project` with the name
+`--run_name`, in its local store (`TRACKIO_DIR`, default ~/.cache/huggingface/trackio): `trackio show` draws it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,20 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
+
+from engine.errors import UserError
+
+
+def start_trackers(accelerator, config) -> None:
+    """Start the trackers of `--report_to` (already checked to be installed) with the run's scalar settings."""
+    if not config.report_to:
+        return
+    settings = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+    init_kwargs = {"trackio": {"name": config.run_name}} if config.run_name else {}
+    try:
+        accelerator.init_trackers(config.project, config=settings, init_kwargs=init_kwargs)
+    except Exception as error:  # a tracker that is installed but cannot start (not logged in, no space left)
+        raise UserError(f"--report_to {' '.join(config.report_to)}: could not start the tracker ({error})") from error
 
 
 class MetricWindow:

@@ -1,0 +1,188 @@
+"""The rules a TrainConfig must satisfy; each broken rule is one `UserError` line naming the flag and the fix.
+
+Checked when the config is built (`TrainConfig.__post_init__`), so bad input stops the run before torch is
+imported and before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import TYPE_CHECKING
+
+from engine.errors import UserError
+from engine.optim import OPTIM_ARGS, parse_optim_args
+
+if TYPE_CHECKING:
+    from engine.config import TrainConfig
+
+METHODS = ("sft", "dpo")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# --report_to name -> (module to import, what to install). "all" means every one of these that is installed.
+TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "trackio": ("trackio", "pip install trackio"),
+            "wandb": ("wandb", "pip install wandb")}
+INTERVALS = ("no", "steps", "epoch")
+HUB_STRATEGIES = ("end", "every_save")  # TRL's default is every_save: here the one push is at the end
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_TASK_TYPES = ("CAUSAL_LM",)
+# What evaluation reports (engine/sft.py, engine/dpo.py), each also logged with TRL's eval_ prefix.
+EVAL_METRICS = {
+    "sft": ("loss", "entropy", "mean_token_accuracy"),
+    "dpo": ("loss", "entropy", "mean_token_accuracy", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+            "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"),
+}
+
+
+def installed_trackers() -> list[str]:
+    return [name for name, (module, _) in TRACKERS.items() if importlib.util.find_spec(module) is not None]
+
+
+def validate_config(config: TrainConfig) -> None:
+    def bad(name: str, why: str) -> UserError:
+        shown = "<hidden>" if name == "hub_token" else repr(getattr(config, name))  # a secret stays off the screen
+        return UserError(f"--{name} {shown}: {why}")
+
+    if config.method not in METHODS:
+        raise bad("method", f"must be one of {', '.join(METHODS)}")
+    if config.learning_rate is not None and not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
+        raise bad("learning_rate", "must be a finite number >= 0 (e.g. 2e-5)")
+    if config.lr_scheduler_type not in SCHEDULERS:
+        raise bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise bad(name, "must be >= 1")
+    for name in ("logging_steps",):
+        if getattr(config, name) < 1:
+            raise bad(name, "must be >= 1")
+    for name in ("save_steps", "warmup_steps"):
+        if getattr(config, name) < 0:
+            raise bad(name, "must be >= 0")
+    if config.eval_steps is not None and config.eval_steps < 0:
+        raise bad("eval_steps", "must be >= 0 (0 disables evaluation)")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise bad("warmup_ratio", "must be in [0, 1)")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise bad("max_steps", "must be a positive number of steps, or -1 to use num_train_epochs")
+    if config.max_steps == -1 and not config.num_train_epochs > 0:
+        raise bad("num_train_epochs", "must be > 0 (or set --max_steps)")
+    if config.max_grad_norm < 0:
+        raise bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+    if config.weight_decay < 0:
+        raise bad("weight_decay", "must be >= 0")
+    if config.max_length is not None and config.max_length < 2:
+        raise bad("max_length", "must be at least 2 tokens")
+    if config.truncation_mode not in ("keep_start", "keep_end"):
+        raise bad("truncation_mode", "must be keep_start or keep_end")
+    if config.packing_strategy not in ("bfd", "wrapped"):
+        raise bad("packing_strategy", "must be bfd or wrapped")
+    if config.packing and config.max_length is None:
+        raise bad("max_length", "packing needs a max_length")
+    if not config.beta > 0:
+        raise bad("beta", "must be > 0 (it scales the log-ratio; try 0.1)")
+    if not 0.0 <= config.label_smoothing < 0.5:
+        raise bad("label_smoothing", "must be in [0, 0.5) (0.5 makes the preference label pure noise)")
+    if config.loss_weights is not None and config.loss_type is not None and len(config.loss_weights) != len(config.loss_type):
+        raise UserError(
+            f"--loss_weights has {len(config.loss_weights)} values but --loss_type has {len(config.loss_type)}: "
+            "give one weight per loss type"
+        )
+    if config.f_divergence_type not in ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"):
+        raise bad("f_divergence_type", "must be reverse_kl, forward_kl, js_divergence or alpha_divergence")
+    if config.ld_alpha is not None and not 0.0 <= config.ld_alpha <= 1.0:
+        raise bad("ld_alpha", "must be in [0, 1]")
+    if config.lora_r < 1:
+        raise bad("lora_r", "must be >= 1")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise bad("lora_dropout", "must be in [0, 1)")
+    if config.method == "sft" and config.loss_type not in (None, ["nll"]):
+        raise bad("loss_type", "sft supports nll only (preference losses need --method dpo)")
+    if config.demo_eval_samples < 0:
+        raise bad("demo_eval_samples", "must be >= 0")
+    _validate_loop_flags(config, bad)
+    _validate_hub_and_tracking(config, bad)
+
+
+def _validate_loop_flags(config: TrainConfig, bad) -> None:
+    """Schedules, optimizer, precision, TR-DPO, NEFTune, padding (the flags added for TRL parity, issue 10)."""
+    for name in ("eval_strategy", "logging_strategy"):
+        if getattr(config, name) not in INTERVALS:
+            raise bad(name, f"must be one of {', '.join(INTERVALS)}")
+    if config.save_strategy not in INTERVALS + ("best",):
+        raise bad("save_strategy", "must be one of no, steps, epoch, best")
+    if config.eval_strategy == "steps" and config.eval_steps == 0:
+        raise bad("eval_steps", "must be > 0 with --eval_strategy steps")
+    if config.eval_delay < 0:
+        raise bad("eval_delay", "must be >= 0")
+    best_needs_metric = config.load_best_model_at_end or config.save_strategy == "best"
+    metric = config.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") not in EVAL_METRICS[config.method]:
+        raise bad("metric_for_best_model", f"{config.method} evaluation reports "
+                  f"{', '.join(EVAL_METRICS[config.method])} (with or without the eval_ prefix)")
+    if config.load_best_model_at_end:
+        if config.eval_strategy == "no":
+            raise bad("load_best_model_at_end", "needs evaluation: set --eval_strategy steps or epoch")
+        if config.save_strategy not in (config.eval_strategy, "best"):
+            raise bad("load_best_model_at_end", f"needs --save_strategy equal to --eval_strategy "
+                      f"({config.eval_strategy}) so that every evaluated model is saved")
+        if config.eval_strategy == "steps" and config.save_steps % (config.eval_steps or 1) != 0:
+            raise bad("save_steps", f"must be a multiple of --eval_steps {config.eval_steps} "
+                      "with --load_best_model_at_end")
+    if config.greater_is_better is not None and not best_needs_metric and config.metric_for_best_model is None:
+        raise bad("greater_is_better", "needs --metric_for_best_model (or --load_best_model_at_end)")
+    if config.optim not in OPTIM_ARGS:
+        raise bad("optim", f"must be one of {', '.join(OPTIM_ARGS)} (other transformers optimizers: not supported)")
+    parse_optim_args(config.optim, config.optim_args)
+    if config.dtype is not None and config.dtype not in DTYPES:
+        raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
+    if config.data_seed is not None and config.data_seed < 0:
+        raise bad("data_seed", "must be >= 0")
+    if config.pad_to_multiple_of not in (None, "auto") and not (
+            str(config.pad_to_multiple_of).isdigit() and int(config.pad_to_multiple_of) >= 1):
+        raise bad("pad_to_multiple_of", "must be a whole number >= 1, auto or none")
+    if config.padding_free and config.method == "sft" and config.packing is False and config.max_length is None:
+        raise bad("padding_free", "needs --max_length")
+    if config.neftune_noise_alpha is not None and not config.neftune_noise_alpha > 0:
+        raise bad("neftune_noise_alpha", "must be > 0 (TRL suggests 5 to 15), or none")
+    if not 0.0 <= config.ref_model_mixup_alpha <= 1.0:
+        raise bad("ref_model_mixup_alpha", "must be in [0, 1]")
+    if config.ref_model_sync_steps < 1:
+        raise bad("ref_model_sync_steps", "must be >= 1")
+    if config.sync_ref_model and config.method != "dpo":
+        raise bad("sync_ref_model", "is a DPO option (TR-DPO); use --method dpo")
+    if config.sync_ref_model and (config.precompute_ref_log_probs or config.use_peft):
+        raise bad("sync_ref_model", "needs a separate reference model: it cannot be combined with "
+                  "--precompute_ref_log_probs or --use_peft (as in TRL)")
+    if config.max_prompt_length is not None and config.max_prompt_length < 1:
+        raise bad("max_prompt_length", "must be >= 1 token, or none")
+    if config.lora_task_type not in LORA_TASK_TYPES:
+        raise bad("lora_task_type", "must be CAUSAL_LM (nanopost trains causal language models)")
+    if (config.use_dora or config.lora_modules_to_save) and not config.use_peft:
+        raise bad("use_dora" if config.use_dora else "lora_modules_to_save", "is a LoRA option; add --use_peft")
+
+
+def _validate_hub_and_tracking(config: TrainConfig, bad) -> None:
+    """--push_to_hub and its companions, --report_to; the network itself is checked by engine.hub.preflight."""
+    if config.hub_strategy not in HUB_STRATEGIES + ("checkpoint", "all_checkpoints"):
+        raise bad("hub_strategy", "must be end or every_save (checkpoint, all_checkpoints: not supported)")
+    if config.hub_strategy in ("checkpoint", "all_checkpoints"):
+        raise bad("hub_strategy", "pushing checkpoints is not supported; nanopost pushes the final model "
+                  "(--hub_strategy end)")
+    hub_flags = [name for name in ("hub_model_id", "hub_token", "hub_private_repo", "hub_revision")
+                 if getattr(config, name) is not None]
+    if hub_flags and not config.push_to_hub:
+        raise bad(hub_flags[0], "is only used when pushing; add --push_to_hub")
+    if config.hub_model_id is not None and not _is_repo_id(config.hub_model_id):
+        raise bad("hub_model_id", "must be a Hub repo id like you/my-model")
+    for name in config.report_to or []:
+        if name not in TRACKERS and name not in ("all", "none"):
+            raise bad("report_to", f"unknown tracker {name!r}: use {', '.join(TRACKERS)}, all or none")
+        if name in TRACKERS and importlib.util.find_spec(TRACKERS[name][0]) is None:
+            raise bad("report_to", f"{name} is not installed: {TRACKERS[name][1]}")
+    if len(config.report_to or []) > 1 and ({"all", "none"} & set(config.report_to)):
+        raise bad("report_to", "all and none stand alone; do not combine them with tracker names")
+
+
+def _is_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return 1 <= len(parts) <= 2 and all(p and p.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                                        for p in parts)
