@@ -12,7 +12,7 @@ Two layouts:
   predicted from the previous document's last token.
 
 TRL uses the padded layout for `wrapped` packing (rows are single causal sequences) and the padding-free one for
-`bfd` / `bfd_split`; `PrepReport.padding_free` from `data.sft` says which.
+`bfd` / `bfd_split`; `PrepReport.padding_free` (`data.report`) says which.
 """
 
 from __future__ import annotations
@@ -22,18 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from data.common import IGNORE_INDEX
 
 
-def resolve_pad_token_id(tokenizer) -> int:
-    """The pad id TRL's SFTTrainer uses: the tokenizer's pad token, else its EOS token."""
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
-        raise ValueError("The tokenizer has neither a pad token nor an EOS token to pad with.")
-    return pad_token_id
-
-
-def _right_pad(rows: list[Tensor], value: int, pad_to_multiple_of: int | None) -> Tensor:
+def right_pad(rows: list[Tensor], value: int, pad_to_multiple_of: int | None) -> Tensor:
     """Stack 1-D tensors into (B, T), padding on the right; T rounded up to a multiple of `pad_to_multiple_of`."""
     length = max(row.numel() for row in rows)
     if pad_to_multiple_of is not None and length % pad_to_multiple_of:
@@ -88,16 +80,16 @@ def collate_sft(
                     "padding_free=True so that documents do not attend to each other."
                 )
         return {
-            "input_ids": _right_pad(input_ids, pad_token_id, pad_to_multiple_of),  # (B, T)
-            "labels": _right_pad(labels, IGNORE_INDEX, pad_to_multiple_of),  # (B, T)
-            "attention_mask": _right_pad([torch.ones_like(ids) for ids in input_ids], 0, pad_to_multiple_of),
+            "input_ids": right_pad(input_ids, pad_token_id, pad_to_multiple_of),  # (B, T)
+            "labels": right_pad(labels, IGNORE_INDEX, pad_to_multiple_of),  # (B, T)
+            "attention_mask": right_pad([torch.ones_like(ids) for ids in input_ids], 0, pad_to_multiple_of),
         }
 
     positions = [_document_positions(example) for example in examples]
-    flat_ids = _right_pad([torch.cat(input_ids)], pad_token_id, pad_to_multiple_of)  # (1, ΣT)
-    flat_labels = _right_pad([torch.cat(labels)], IGNORE_INDEX, pad_to_multiple_of)  # (1, ΣT)
+    flat_ids = right_pad([torch.cat(input_ids)], pad_token_id, pad_to_multiple_of)  # (1, ΣT)
+    flat_labels = right_pad([torch.cat(labels)], IGNORE_INDEX, pad_to_multiple_of)  # (1, ΣT)
     # Padding positions get position 0, i.e. each is a one-token document of its own.
-    flat_positions = _right_pad([torch.cat(positions)], 0, pad_to_multiple_of)  # (1, ΣT)
+    flat_positions = right_pad([torch.cat(positions)], 0, pad_to_multiple_of)  # (1, ΣT)
     # A document's first token has no in-document predecessor to be predicted from.
     flat_labels[flat_positions == 0] = IGNORE_INDEX
 

@@ -1,6 +1,7 @@
 """Batch prepared preference examples into `[all chosen; all rejected]` tensors, as TRL 1.16's DataCollatorForPreference.
 
-    from data.collate_dpo import collate_dpo, resolve_pad_token_id
+    from data.collate_dpo import collate_dpo
+    from data.common import resolve_pad_token_id
     batch = collate_dpo(examples, resolve_pad_token_id(tokenizer), max_length=1024)
     batch["input_ids"]        # (2B, T): rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected
     batch["attention_mask"]   # (2B, T): 1 on real tokens
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data.errors import DataError
+from data.collate import right_pad
+from data.common import check_length_options
 
 REF_LOGPS_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 """Per-example precomputed reference log-probs (TRL's column names), passed through as `(B,)` tensors."""
@@ -54,10 +56,7 @@ def collate_dpo(
     """
     if not examples:
         raise ValueError("collate_dpo needs at least one example")
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise DataError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
-    if max_length is not None and max_length < 1:
-        raise DataError(f"max_length must be a positive integer or None, got {max_length!r}")
+    check_length_options(max_length, truncation_mode)
 
     sequences: list[list[int]] = []  # 2B token lists, chosen block first
     prompt_lengths: list[int] = []  # prompt tokens at the start of each sequence (before truncation)
@@ -78,13 +77,9 @@ def collate_dpo(
     lengths = torch.tensor([len(ids) for ids in sequences])  # (2B,)
     prompt_kept = prompt_kept.clamp(min=0).minimum(lengths)  # (2B,) prompt tokens left in the kept window
 
-    width = int(lengths.max())
-    if pad_to_multiple_of is not None and width % pad_to_multiple_of:
-        width += pad_to_multiple_of - width % pad_to_multiple_of
-
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (2B, T)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    input_ids = right_pad([torch.tensor(ids, dtype=torch.long) for ids in sequences], pad_token_id,
+                          pad_to_multiple_of)  # (2B, T)
+    width = input_ids.size(1)
     positions = torch.arange(width)  # (T,)
     attention_mask = (positions < lengths[:, None]).long()  # (2B, T)
     completion_mask = attention_mask * (positions >= prompt_kept[:, None]).long()  # (2B, T)
@@ -94,19 +89,3 @@ def collate_dpo(
         if key in examples[0]:
             batch[key] = torch.tensor([example[key] for example in examples])  # (B,)
     return batch
-
-
-def resolve_pad_token_id(tokenizer: Any) -> int:
-    """The pad id TRL's DPOTrainer uses: the tokenizer's pad token, else its EOS token.
-
-    Raises:
-        DataError: the tokenizer has neither, or the chosen token is not in its vocabulary.
-    """
-    pad_token = tokenizer.pad_token or tokenizer.eos_token
-    if pad_token is None:
-        raise DataError("the tokenizer has neither a pad_token nor an eos_token; set tokenizer.pad_token")
-    if pad_token not in tokenizer.get_vocab():
-        raise DataError(
-            f"the tokenizer's pad token {pad_token!r} is not in its vocabulary; set tokenizer.pad_token"
-        )
-    return tokenizer.convert_tokens_to_ids(pad_token)

@@ -42,7 +42,8 @@ Where we are stricter than TRL (each is a `DataError` naming the row, the field 
 - missing `chosen`/`rejected` columns, rows that mix text and message formats, a `prompt` message list with
   text completions;
 - empty or whitespace-only text, non-string message content (empty content is allowed only on messages
-  that carry `tool_calls`), empty message lists, roles outside `KNOWN_ROLES`;
+  that carry `tool_calls`), empty message lists, roles outside `data.messages.KNOWN_ROLES` (the checks SFT
+  makes too);
 - a completion (chosen/rejected after the prompt) that does not start with an assistant message: a prompt
   repeated inside chosen, or conversations that already differ at a user turn;
 - an implicit prompt that is empty (chosen and rejected share no leading text / message);
@@ -54,87 +55,23 @@ Where we are stricter than TRL (each is a `DataError` naming the row, the field 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from data.common import common_prefix_length
+from data.chat_template import chat_template_of, render_ids
+from data.common import check_length_options, common_prefix_length, to_rows
 from data.errors import DataError
-
-KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-"""Message roles accepted in conversational rows; anything else is most likely a mislabelled column."""
+from data.messages import check_text, clean_messages, is_message_list, template_kwargs
+from data.report import IDENTICAL_PAIR, PROMPT_TOO_LONG, PrepReport
 
 ACCEPTED_SCHEMAS = (
     "prompt/chosen/rejected as text; chosen/rejected as text with the prompt inside (hh-rlhf); "
     "prompt/chosen/rejected as lists of {'role','content'} messages; chosen/rejected as whole conversations"
 )
 
-TRUNCATION_MODES = ("keep_start", "keep_end")
-
 _TEXT_TOKENIZE_CHUNK = 512  # rows per batched tokenizer call: the fast tokenizer encodes a batch in Rust
 
 PromptSource = Literal["column", "extracted", "extracted_ignoring_prompt_column"]
-
-
-@dataclass
-class PrepReport:
-    """What `prepare_dpo_dataset` did to the rows, so the caller can warn or fail instead of losing data silently.
-
-    Row numbers are 0-based indices into the input dataset.
-    """
-
-    num_rows: int
-    """Rows in the input dataset."""
-    conversational: bool
-    """True for message lists (chat template), False for plain text."""
-    prompt_source: PromptSource
-    """Where the prompt came from: the `prompt` column, extracted as the common prefix of chosen/rejected,
-    or extracted while ignoring a text `prompt` column that sat next to whole conversations."""
-    max_length: int | None
-    truncation_mode: str
-    kept_rows: list[int] = field(default_factory=list)
-    """Input row of each prepared example, in output order."""
-    dropped_prompt_too_long: list[int] = field(default_factory=list)
-    """Rows removed because the prompt alone has >= max_length tokens (keep_start only). TRL drops these silently."""
-    skipped_identical: list[int] = field(default_factory=list)
-    """Rows skipped because chosen and rejected are identical (only with `skip_identical_pairs=True`)."""
-    truncated_rows: list[int] = field(default_factory=list)
-    """Kept rows whose prompt+chosen or prompt+rejected exceeds max_length: the collator will cut them."""
-    prompt_boundary_rows: list[int] = field(default_factory=list)
-    """Kept or dropped rows whose tokenized prompt is not a prefix of the tokenized prompt+completion (tokens
-    merged across the boundary, or the template renders the prompt differently); the prompt ids were shortened
-    to the shared part."""
-
-    @property
-    def num_kept(self) -> int:
-        return len(self.kept_rows)
-
-    def summary(self) -> str:
-        """One line for the log: counts, and the first few row numbers of each problem."""
-
-        def rows(indices: list[int]) -> str:
-            shown = ", ".join(str(i) for i in indices[:5])
-            return shown + (", ..." if len(indices) > 5 else "")
-
-        parts = [f"{self.num_kept}/{self.num_rows} preference rows kept"]
-        if self.dropped_prompt_too_long:
-            parts.append(
-                f"{len(self.dropped_prompt_too_long)} dropped: prompt >= max_length={self.max_length} tokens "
-                f"(rows {rows(self.dropped_prompt_too_long)}; raise --max_length to keep them)"
-            )
-        if self.skipped_identical:
-            parts.append(
-                f"{len(self.skipped_identical)} skipped: chosen == rejected (rows {rows(self.skipped_identical)})"
-            )
-        if self.truncated_rows:
-            parts.append(f"{len(self.truncated_rows)} will be truncated to {self.max_length} tokens")
-        if self.prompt_boundary_rows:
-            parts.append(
-                f"{len(self.prompt_boundary_rows)} with the prompt end merged into the completion "
-                f"(rows {rows(self.prompt_boundary_rows)})"
-            )
-        return "; ".join(parts)
 
 
 def prepare_dpo_dataset(
@@ -162,35 +99,23 @@ def prepare_dpo_dataset(
     Raises:
         DataError: for any bad row or setting, naming the row index, the field and the fix.
     """
-    if truncation_mode not in TRUNCATION_MODES:
-        raise DataError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    if max_length is not None and (
-        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
-    ):
-        raise DataError(f"max_length must be a positive integer or None, got {max_length!r}")
-
-    rows = list(dataset)
+    check_length_options(max_length, truncation_mode)
+    rows = to_rows(dataset)
     if not rows:
-        raise DataError("the preference dataset has no rows")
+        raise DataError("The preference dataset has no rows.")
     conversational, prompt_source = _detect_schema(rows[0])
-    if conversational and not getattr(tokenizer, "chat_template", None):
+    if conversational and not chat_template_of(tokenizer):
         raise DataError(
-            "the preference data is conversational (lists of messages) but the tokenizer has no chat template; "
-            "use a tokenizer with one (e.g. an instruct model's) or set tokenizer.chat_template"
+            "The preference data is conversational (lists of messages) but the tokenizer has no chat template; "
+            "use a tokenizer with one (e.g. an instruct model's) or set one with --chat_template_path."
         )
     if not conversational and not getattr(tokenizer, "eos_token", None):
         raise DataError(
-            "the tokenizer has no eos_token, which plain-text preference data needs to end chosen/rejected; "
-            "set tokenizer.eos_token"
+            "The tokenizer has no eos_token, which plain-text preference data needs to end chosen/rejected; "
+            "set eos_token in the tokenizer (tokenizer_config.json)."
         )
-
-    report = PrepReport(
-        num_rows=len(rows),
-        conversational=conversational,
-        prompt_source=prompt_source,
-        max_length=max_length,
-        truncation_mode=truncation_mode,
-    )
+    report = PrepReport(method="dpo", format="conversational" if conversational else "text", num_rows=len(rows),
+                        max_length=max_length, truncation_mode=truncation_mode, prompt_source=prompt_source)
 
     # 1) Validate every row and split it into (prompt, chosen, rejected) before any tokenization: fail fast.
     triples: list[tuple[int, Any, Any, Any]] = []  # (row index, prompt, chosen, rejected)
@@ -199,7 +124,7 @@ def prepare_dpo_dataset(
         if triple is None:  # chosen == rejected
             if not skip_identical_pairs:
                 raise _identical_error(index)
-            report.skipped_identical.append(index)
+            report.drop(index, IDENTICAL_PAIR)
             continue
         triples.append((index, *triple))
 
@@ -230,33 +155,41 @@ def prepare_dpo_dataset(
         for name in ("chosen", "rejected"):
             if not example[f"{name}_ids"]:
                 raise DataError(
-                    f"row {index}, field '{name}': the completion renders to no tokens after the prompt; check the "
-                    "chat template renders assistant messages"
+                    f"Row {index}: field '{name}' (the completion) renders to no tokens after the prompt; check that "
+                    "the chat template renders assistant messages."
                 )
         if example["chosen_ids"] == example["rejected_ids"]:
             if not skip_identical_pairs:
                 raise _identical_error(index, after_tokenization=True)
-            report.skipped_identical.append(index)
+            report.drop(index, IDENTICAL_PAIR)
             continue
         # TRL's rule: with keep_start a prompt of >= max_length tokens leaves no completion token after truncation.
         if max_length is not None and truncation_mode == "keep_start" and prompt_len >= max_length:
-            report.dropped_prompt_too_long.append(index)
+            report.drop(index, PROMPT_TOO_LONG)
             continue
-        longest = prompt_len + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
-        if max_length is not None and longest > max_length:
-            report.truncated_rows.append(index)
-        report.kept_rows.append(index)
+        _count(report, index, example, max_length)
         examples.append(example)
-    report.skipped_identical.sort()
 
     if not examples:
         if report.dropped_prompt_too_long:
             raise DataError(
-                f"all {report.num_rows - len(report.skipped_identical)} preference rows have a prompt of >= "
-                f"max_length={max_length} tokens, so none keeps a completion token; raise --max_length"
+                f"All {report.num_rows - len(report.skipped_identical)} preference rows have a prompt of >= "
+                f"max_length={max_length} tokens, so none keeps a completion token; raise --max_length."
             )
-        raise DataError(f"no preference row is left: all {report.num_rows} rows have chosen == rejected")
+        raise DataError(f"No preference row is left: all {report.num_rows} rows have chosen == rejected.")
+    report.num_examples = len(examples)
     return examples, report
+
+
+def _count(report: PrepReport, index: int, example: dict[str, list[int]], max_length: int | None) -> None:
+    """Add a kept example to the report: its row, its tokens and targets, and what the collator will cut."""
+    report.kept_rows.append(index)
+    lengths = [len(example["prompt_ids"]) + len(example[key]) for key in ("chosen_ids", "rejected_ids")]
+    report.num_tokens += sum(lengths)
+    report.num_target_tokens += len(example["chosen_ids"]) + len(example["rejected_ids"])
+    if max_length is not None and max(lengths) > max_length:
+        report.truncated_rows.append(index)
+        report.num_truncated_tokens += sum(max(0, length - max_length) for length in lengths)
 
 
 def extract_implicit_prompt(chosen: Sequence, rejected: Sequence) -> tuple[Sequence, Sequence, Sequence]:
@@ -287,14 +220,15 @@ def extract_implicit_prompt(chosen: Sequence, rejected: Sequence) -> tuple[Seque
 def _detect_schema(first_row: Mapping[str, Any]) -> tuple[bool, PromptSource]:
     """Decide (conversational, prompt source) from the first row's columns and value types."""
     if not isinstance(first_row, Mapping):
-        raise DataError(f"row 0 is a {type(first_row).__name__}, expected a mapping of column name to value")
+        raise DataError(f"Row 0 is a {type(first_row).__name__}, expected a mapping of column name to value.")
     missing = [name for name in ("chosen", "rejected") if name not in first_row]
     if missing:
         raise DataError(
-            f"the preference dataset has no {' / '.join(repr(m) for m in missing)} column (columns found: "
-            f"{sorted(first_row)}); accepted schemas: {ACCEPTED_SCHEMAS}"
+            f"The preference dataset has no {' / '.join(repr(m) for m in missing)} column (columns found: "
+            f"{sorted(first_row)}); accepted schemas: {ACCEPTED_SCHEMAS}. Map other columns with "
+            "--dataset_column_map."
         )
-    chosen_is_messages = _is_message_list(first_row["chosen"])
+    chosen_is_messages = is_message_list(first_row["chosen"])
     if "prompt" not in first_row:
         return chosen_is_messages, "extracted"
     if chosen_is_messages and isinstance(first_row["prompt"], str):
@@ -302,50 +236,21 @@ def _detect_schema(first_row: Mapping[str, Any]) -> tuple[bool, PromptSource]:
     return chosen_is_messages, "column"
 
 
-def _is_message_list(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], Mapping) and "role" in value[0]
-
-
-def _check_text(index: int, name: str, value: Any) -> str:
-    if _is_message_list(value):
-        raise DataError(
-            f"row {index}, field '{name}': is a message list but row 0 is plain text; use one format for the "
-            "whole dataset"
-        )
-    if not isinstance(value, str):
-        raise DataError(f"row {index}, field '{name}': expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"row {index}, field '{name}': is empty; remove the row or fill it in")
-    return value
-
-
-def _check_messages(index: int, name: str, value: Any) -> list[Mapping[str, Any]]:
-    if isinstance(value, str):
-        raise DataError(
-            f"row {index}, field '{name}': is plain text but the dataset is conversational (message lists); use one "
-            "format for the whole dataset"
-        )
-    if not isinstance(value, list) or not value:
-        got = "an empty list" if isinstance(value, list) else type(value).__name__
-        raise DataError(f"row {index}, field '{name}': expected a non-empty list of messages, got {got}")
-    for position, message in enumerate(value):
-        where = f"row {index}, field '{name}', message {position}"
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+def _check_field(index: int, name: str, value: Any, conversational: bool) -> Any:
+    """One prompt / chosen / rejected value, checked as messages or as text, in the format of row 0."""
+    if conversational:
+        if isinstance(value, str):
             raise DataError(
-                f"{where}: expected a {{'role': ..., 'content': ...}} mapping, got {message!r:.80}"
+                f"Row {index}: field '{name}' is plain text but the dataset is conversational (message lists); use "
+                "one format for the whole dataset."
             )
-        role, content = message["role"], message["content"]
-        if role not in KNOWN_ROLES:
-            raise DataError(f"{where}: unknown role {role!r}; use one of {sorted(KNOWN_ROLES)}")
-        if message.get("tool_calls") and (content is None or content == ""):
-            continue  # an assistant turn that only calls tools has no text
-        if not isinstance(content, str):
-            raise DataError(
-                f"{where}: content must be a string, got {type(content).__name__} (multimodal content is not supported)"
-            )
-        if not content.strip():
-            raise DataError(f"{where}: content is empty; remove the message or fill it in")
-    return value
+        return clean_messages(value, index, name)
+    if is_message_list(value):
+        raise DataError(
+            f"Row {index}: field '{name}' is a message list but row 0 is plain text; use one format for the whole "
+            "dataset."
+        )
+    return check_text(value, index, name)
 
 
 def _split_row(
@@ -354,43 +259,41 @@ def _split_row(
     """Validate one row; return (prompt, chosen, rejected) with EOS added to text completions, None if chosen == rejected."""
     if not isinstance(row, Mapping) or "chosen" not in row or "rejected" not in row:
         columns = sorted(row) if isinstance(row, Mapping) else type(row).__name__
-        raise DataError(
-            f"row {index}: needs 'chosen' and 'rejected' (found {columns}); accepted: {ACCEPTED_SCHEMAS}"
-        )
+        raise DataError(f"Row {index}: needs 'chosen' and 'rejected' (found {columns}); accepted: {ACCEPTED_SCHEMAS}.")
     if (prompt_source == "extracted") != ("prompt" not in row):
         raise DataError(
-            f"row {index}: {'has' if 'prompt' in row else 'lacks'} a 'prompt' field unlike row 0; every row needs "
-            "the same columns"
+            f"Row {index}: {'has' if 'prompt' in row else 'lacks'} a 'prompt' field unlike row 0; every row needs "
+            "the same columns."
         )
-    check = _check_messages if conversational else _check_text
-    chosen, rejected = check(index, "chosen", row["chosen"]), check(index, "rejected", row["rejected"])
+    chosen = _check_field(index, "chosen", row["chosen"], conversational)
+    rejected = _check_field(index, "rejected", row["rejected"], conversational)
     if prompt_source == "column":
         if conversational and isinstance(row["prompt"], str):
             raise DataError(
-                f"row {index}, field 'prompt': is text but row 0's prompt is a message list; use one format"
+                f"Row {index}: field 'prompt' is text but row 0's prompt is a message list; use one format."
             )
-        if not conversational and _is_message_list(row["prompt"]):
+        if not conversational and is_message_list(row["prompt"]):
             raise DataError(
-                f"row {index}, field 'prompt': is a message list but chosen/rejected are plain text; give all three "
-                "as messages or all three as text"
+                f"Row {index}: field 'prompt' is a message list but chosen/rejected are plain text; give all three "
+                "as messages or all three as text."
             )
-        prompt = check(index, "prompt", row["prompt"])
+        prompt = _check_field(index, "prompt", row["prompt"], conversational)
     if chosen == rejected:
         return None
     if prompt_source != "column":
         prompt, chosen, rejected = extract_implicit_prompt(chosen, rejected)
         if not prompt:
             raise DataError(
-                f"row {index}: chosen and rejected share no leading {'message' if conversational else 'text'}, so no "
-                "prompt can be extracted; add a 'prompt' column"
+                f"Row {index}: chosen and rejected share no leading {'message' if conversational else 'text'}, so no "
+                "prompt can be extracted; add a 'prompt' column."
             )
     if conversational:
         for name, completion in (("chosen", chosen), ("rejected", rejected)):
             if completion[0]["role"] != "assistant":
                 raise DataError(
-                    f"row {index}, field '{name}': the completion after the prompt starts with a "
+                    f"Row {index}: field '{name}' (the completion after the prompt) starts with a "
                     f"{completion[0]['role']!r} message, expected 'assistant'; if chosen/rejected hold the whole "
-                    "conversation, drop the 'prompt' column (the prompt is then extracted)"
+                    "conversation, drop the 'prompt' column (the prompt is then extracted)."
                 )
         return prompt, chosen, rejected
     eos = tokenizer.eos_token
@@ -402,8 +305,8 @@ def _split_row(
 def _identical_error(index: int, after_tokenization: bool = False) -> DataError:
     how = "tokenize to the same ids" if after_tokenization else "are identical"
     return DataError(
-        f"row {index}: chosen and rejected {how}, so the pair carries no preference; remove the row "
-        "(or pass skip_identical_pairs=True to skip such rows)"
+        f"Row {index}: chosen and rejected {how}, so the pair carries no preference; remove the row "
+        "(or pass skip_identical_pairs=True to skip such rows)."
     )
 
 
@@ -422,25 +325,9 @@ def _tokenize_conversation(
     tokenizer: Any, index: int, row: Mapping[str, Any], prompt: list, chosen: list, rejected: list
 ) -> tuple[list[int], list[int], list[int]]:
     """Render and tokenize the prompt (with the generation prompt) and the two whole conversations."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"row {index}, field 'tools': not valid JSON ({error}); give a list of tool schemas"
-            ) from error
-    template_kwargs = row.get("chat_template_kwargs") or {}
-    if not isinstance(template_kwargs, Mapping):
-        raise DataError(
-            f"row {index}, field 'chat_template_kwargs': expected a mapping, got {type(template_kwargs).__name__}"
-        )
-    kwargs = {"tools": tools, **template_kwargs}
-
-    def encode(messages: list, **extra: Any) -> list[int]:
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs, **extra)[
-            "input_ids"
-        ]
-
-    return encode(prompt, add_generation_prompt=True), encode(prompt + chosen), encode(prompt + rejected)
-
+    kwargs = template_kwargs(row, index)
+    return (
+        render_ids(tokenizer, prompt, index, add_generation_prompt=True, **kwargs)["input_ids"],
+        render_ids(tokenizer, prompt + chosen, index, **kwargs)["input_ids"],
+        render_ids(tokenizer, prompt + rejected, index, **kwargs)["input_ids"],
+    )

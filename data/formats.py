@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.errors import DataError
+from data.messages import is_message_list
 
 TOKENIZED = "tokenized"
 CONVERSATIONS = "conversations"
@@ -54,11 +55,6 @@ TARGET_COLUMNS = ("text", "messages", "conversations", "prompt", "completion", "
                   "chat_template_kwargs")
 
 _ACCEPTED = "; ".join(SFT_FORMATS.values())
-
-
-def is_message_list(value: Any) -> bool:
-    """True for a non-empty list whose first item is a dict (a chat message), like TRL's `is_conversational`."""
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict)
 
 
 def detect_sft_format(column_names: Sequence[str], first_row: dict[str, Any], dataset_text_field: str = "text") -> str:

@@ -49,7 +49,8 @@ class SFTMethod:
         return examples, report
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
-        from data.collate import collate_sft, resolve_pad_token_id
+        from data.collate import collate_sft
+        from data.common import resolve_pad_token_id
 
         return collate_sft(examples, pad_token_id=resolve_pad_token_id(self.tokenizer), padding_free=self.padding_free)
 

@@ -22,7 +22,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import extract_prompt as trl_extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from data.collate_dpo import collate_dpo, resolve_pad_token_id
+from data.collate_dpo import collate_dpo
+from data.common import resolve_pad_token_id
 from data.defaults import DEFAULT_TOKENIZER_DIR
 from data.dpo import extract_implicit_prompt, prepare_dpo_dataset
 from data.errors import DataError
@@ -384,7 +385,7 @@ def test_truncation_matches_trl_and_reports_drops(truncation_mode, tiny_model, t
     if truncation_mode == "keep_start":
         assert report.dropped_prompt_too_long == [1] and report.kept_rows == [0, 2]
         assert report.truncated_rows == [0]
-        assert "1 dropped" in report.summary()
+        assert "1 row dropped (1 prompt of max_length tokens or more; first: [1])" in report.summary()
     else:
         assert report.dropped_prompt_too_long == [] and report.kept_rows == [0, 1, 2]
         assert report.truncated_rows == [0, 1]
@@ -393,7 +394,7 @@ def test_truncation_matches_trl_and_reports_drops(truncation_mode, tiny_model, t
 def test_all_rows_dropped_raises():
     """max_length=1 with keep_start: every prompt has >= 1 token, so all rows would be dropped (TRL: an empty
     dataset); we raise and tell the user to raise max_length."""
-    with pytest.raises(DataError, match=r"all 3 preference rows .*raise --max_length"):
+    with pytest.raises(DataError, match=r"All 3 preference rows .*raise --max_length"):
         prepare_dpo_dataset(TRUNCATION_ROWS, TOKENIZERS["chatml"], max_length=1)
 
 
@@ -533,17 +534,17 @@ GOOD_CONV = {"prompt": [user("Q?")], "chosen": [assistant("yes")], "rejected": [
             {"prompt": "Q?", "answer": "yes"},
             r"no 'chosen' / 'rejected' column \(columns found: \['answer', 'prompt'\]\)",
         ),
-        ({**GOOD_TEXT, "chosen": ""}, r"row 1, field 'chosen': is empty"),
-        ({**GOOD_TEXT, "rejected": "   "}, r"row 1, field 'rejected': is empty"),
-        ({**GOOD_TEXT, "prompt": None}, r"row 1, field 'prompt': expected a string, got NoneType"),
-        ({**GOOD_TEXT, "chosen": 3}, r"row 1, field 'chosen': expected a string, got int"),
-        ({**GOOD_TEXT, "rejected": " yes"}, r"row 1: chosen and rejected are identical"),
-        ({**GOOD_TEXT, "chosen": " no<|im_end|>"}, r"row 1: chosen and rejected tokenize to the same ids"),
+        ({**GOOD_TEXT, "chosen": ""}, r"Row 1: field 'chosen' is empty"),
+        ({**GOOD_TEXT, "rejected": "   "}, r"Row 1: field 'rejected' is empty"),
+        ({**GOOD_TEXT, "prompt": None}, r"Row 1: field 'prompt' is missing"),
+        ({**GOOD_TEXT, "chosen": 3}, r"Row 1: field 'chosen' must be a string, got int"),
+        ({**GOOD_TEXT, "rejected": " yes"}, r"Row 1: chosen and rejected are identical"),
+        ({**GOOD_TEXT, "chosen": " no<|im_end|>"}, r"Row 1: chosen and rejected tokenize to the same ids"),
         (
             {**GOOD_TEXT, "chosen": [assistant("yes")]},
-            r"row 1, field 'chosen': is a message list but row 0 is plain",
+            r"Row 1: field 'chosen' is a message list but row 0 is plain",
         ),
-        ({"chosen": "yes", "rejected": "no"}, r"row 1: lacks a 'prompt' field unlike row 0"),
+        ({"chosen": "yes", "rejected": "no"}, r"Row 1: lacks a 'prompt' field unlike row 0"),
     ],
 )
 def test_text_row_errors(bad_row, message):
@@ -567,22 +568,22 @@ def test_missing_columns_lists_accepted_schemas():
     [
         (
             {**GOOD_CONV, "chosen": [{"role": "bot", "content": "yes"}]},
-            r"row 1, field 'chosen', message 0: unknown role 'bot'",
+            r"Row 1: chosen\[0\] has unknown role 'bot'",
         ),
-        ({**GOOD_CONV, "rejected": [assistant("")]}, r"row 1, field 'rejected', message 0: content is empty"),
+        ({**GOOD_CONV, "rejected": [assistant("")]}, r"Row 1: rejected\[0\] \(assistant\) has empty content"),
         (
             {**GOOD_CONV, "chosen": [assistant(None)]},
-            r"row 1, field 'chosen', message 0: content must be a string",
+            r"Row 1: chosen\[0\] \(assistant\) has no 'content'",
         ),
-        ({**GOOD_CONV, "prompt": []}, r"row 1, field 'prompt': expected a non-empty list of messages"),
+        ({**GOOD_CONV, "prompt": []}, r"Row 1: field 'prompt' must be a non-empty list of \{role, content\} messages"),
         (
             {**GOOD_CONV, "chosen": "yes"},
-            r"row 1, field 'chosen': is plain text but the dataset is conversational",
+            r"Row 1: field 'chosen' is plain text but the dataset is conversational",
         ),
-        ({**GOOD_CONV, "rejected": [assistant("yes")]}, r"row 1: chosen and rejected are identical"),
+        ({**GOOD_CONV, "rejected": [assistant("yes")]}, r"Row 1: chosen and rejected are identical"),
         (  # the prompt repeated inside chosen (whole conversation given next to a messages prompt)
             {**GOOD_CONV, "chosen": [user("Q?"), assistant("yes")]},
-            r"row 1, field 'chosen': the completion after the prompt starts with a 'user' message, expected 'assistant'",
+            r"Row 1: field 'chosen' \(the completion after the prompt\) starts with a 'user' message, expected 'assistant'",
         ),
     ],
 )
@@ -594,9 +595,9 @@ def test_conversation_row_errors(bad_row, message):
 def test_implicit_prompt_needs_common_prefix():
     """Conversations that differ at their first message, or texts at their first character, have no prompt."""
     conv = {"chosen": [user("a"), assistant("b")], "rejected": [user("x"), assistant("b")]}
-    with pytest.raises(DataError, match=r"row 0: chosen and rejected share no leading message"):
+    with pytest.raises(DataError, match=r"Row 0: chosen and rejected share no leading message"):
         prepare_dpo_dataset([conv], TOKENIZERS["chatml"])
-    with pytest.raises(DataError, match=r"row 0: chosen and rejected share no leading text"):
+    with pytest.raises(DataError, match=r"Row 0: chosen and rejected share no leading text"):
         prepare_dpo_dataset([{"chosen": "yes", "rejected": "no"}], TOKENIZERS["chatml"])
 
 
@@ -607,7 +608,7 @@ def test_conversations_diverging_at_user_turn_rejected():
         "rejected": [user("a"), assistant("b"), user("X"), assistant("d")],
     }
     with pytest.raises(
-        DataError, match=r"row 0, field 'chosen': the completion after the prompt starts with a 'user'"
+        DataError, match=r"Row 0: field 'chosen' \(the completion after the prompt\) starts with a 'user'"
     ):
         prepare_dpo_dataset([row], TOKENIZERS["chatml"])
 
@@ -615,7 +616,7 @@ def test_conversations_diverging_at_user_turn_rejected():
 def test_prompt_messages_with_text_completions_rejected():
     row = {"prompt": [user("Q?")], "chosen": "yes", "rejected": "no"}
     with pytest.raises(
-        DataError, match=r"row 0, field 'prompt': is a message list but chosen/rejected are plain text"
+        DataError, match=r"Row 0: field 'prompt' is a message list but chosen/rejected are plain text"
     ):
         prepare_dpo_dataset([row], TOKENIZERS["chatml"])
 
@@ -628,7 +629,7 @@ def test_identical_pairs_can_be_skipped_and_counted():
     ours, report = prepare_dpo_dataset(rows, tokenizer, skip_identical_pairs=True)
     assert report.skipped_identical == [1, 2] and report.kept_rows == [0, 3] and len(ours) == 2
     assert ours[0] == prepare_dpo_dataset([GOOD_TEXT], tokenizer)[0][0]
-    with pytest.raises(DataError, match="no preference row is left: all 1 rows have chosen == rejected"):
+    with pytest.raises(DataError, match="No preference row is left: all 1 rows have chosen == rejected"):
         prepare_dpo_dataset([rows[1]], tokenizer, skip_identical_pairs=True)
 
 
@@ -645,14 +646,14 @@ def test_template_that_drops_assistant_text_rejected():
     tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
     )
-    with pytest.raises(DataError, match="row 0, field 'chosen': the completion renders to no tokens"):
+    with pytest.raises(DataError, match=r"Row 0: field 'chosen' \(the completion\) renders to no tokens"):
         prepare_dpo_dataset([GOOD_CONV], tokenizer)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"truncation_mode": "keep_middle"}, "truncation_mode must be one of"),
+        ({"truncation_mode": "keep_middle"}, "--truncation_mode keep_middle: must be one of"),
         ({"max_length": 0}, "max_length must be a positive integer or None"),
     ],
 )
@@ -662,9 +663,9 @@ def test_bad_settings(kwargs, message):
 
 
 def test_empty_dataset_and_tokenizer_without_eos():
-    with pytest.raises(DataError, match="the preference dataset has no rows"):
+    with pytest.raises(DataError, match="The preference dataset has no rows"):
         prepare_dpo_dataset([], TOKENIZERS["chatml"])
     tokenizer = copy.deepcopy(TOKENIZERS["chatml"])
     tokenizer.eos_token = None
-    with pytest.raises(DataError, match="the tokenizer has no eos_token"):
+    with pytest.raises(DataError, match="The tokenizer has no eos_token"):
         prepare_dpo_dataset([GOOD_TEXT], tokenizer)

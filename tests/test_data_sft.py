@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from data.collate import collate_sft, resolve_pad_token_id
+from data.collate import collate_sft
+from data.common import resolve_pad_token_id
 from data.defaults import DEFAULT_SFT_DATASET, DEFAULT_TOKENIZER_DIR
 from data.packing import best_fit_decreasing, pack_examples
 from data.sft import prepare_sft_dataset
