@@ -37,9 +37,10 @@ def resolve_pad_token_id(tokenizer: Any) -> int:
     return tokenizer.convert_tokens_to_ids(pad_token)
 
 
-def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
-    """Number of leading tokens two id lists share: where a tokenized prompt stops being a prefix of the
-    tokenized prompt + completion (tokens can merge across the boundary), as TRL 1.16 splits them."""
+def common_prefix_length(ids: Sequence, other_ids: Sequence) -> int:
+    """Number of leading items two sequences share: where a tokenized prompt stops being a prefix of the
+    tokenized prompt + completion (tokens can merge across the boundary), as TRL 1.16 splits them; or where two
+    renderings of a conversation stop agreeing (strings, by character)."""
     length = 0
     for token, other_token in zip(ids, other_ids, strict=False):
         if token != other_token:

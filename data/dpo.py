@@ -58,7 +58,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from data.chat_template import chat_template_of, render_ids
+from data.chat_template import assistant_turn_spans, chat_template_of, render_text
 from data.common import check_length_options, common_prefix_length, to_rows
 from data.errors import DataError
 from data.messages import check_text, clean_messages, is_message_list, template_kwargs
@@ -324,10 +324,21 @@ def _tokenize_texts(tokenizer: Any, triples: list[tuple[str, str, str]]) -> list
 def _tokenize_conversation(
     tokenizer: Any, index: int, row: Mapping[str, Any], prompt: list, chosen: list, rejected: list
 ) -> tuple[list[int], list[int], list[int]]:
-    """Render and tokenize the prompt (with the generation prompt) and the two whole conversations."""
+    """Render the prompt (with the generation prompt) and the two whole conversations, and tokenize them as
+    `apply_chat_template` does (the text, without added special tokens).
+
+    A template that renders the prompt's turns differently once the completion follows would put part of the
+    re-rendered prompt into the completion: `data.chat_template` finds the turn and it is a DataError (TRL trains
+    on it). A generation prompt that differs from the turn's start (e.g. an empty think block before a completion
+    that thinks) splits where the tokens diverge, as in TRL, and the row is reported.
+    """
     kwargs = template_kwargs(row, index)
-    return (
-        render_ids(tokenizer, prompt, index, add_generation_prompt=True, **kwargs)["input_ids"],
-        render_ids(tokenizer, prompt + chosen, index, **kwargs)["input_ids"],
-        render_ids(tokenizer, prompt + rejected, index, **kwargs)["input_ids"],
-    )
+    prompt_text = render_text(tokenizer, prompt, index, add_generation_prompt=True, **kwargs)
+    texts = [prompt_text]
+    for completion in (chosen, rejected):
+        text = render_text(tokenizer, prompt + completion, index, **kwargs)
+        if not text.startswith(prompt_text):
+            assistant_turn_spans(tokenizer, prompt + completion, index, first_message=len(prompt), **kwargs)
+        texts.append(text)
+    prompt_ids, chosen_ids, rejected_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return prompt_ids, chosen_ids, rejected_ids

@@ -10,8 +10,9 @@ Steps, in TRL's order (`trl/trainer/sft_trainer.py`, `_prepare_dataset`):
    starts where the two token lists first differ (TRL's `common_prefix_length`), which is after the prompt unless
    tokens merge across the boundary or the template renders the prompt alone differently.
 4. Labels = input ids, with -100 where a mask says "no loss": the completion mask when `completion_only_loss`
-   (default: on exactly when the data has `prompt` and `completion`), the assistant mask of the chat template's
-   `{% generation %}` blocks when `assistant_only_loss`. Labels come from masks, never from the pad id, so
+   (default: on exactly when the data has `prompt` and `completion`), the assistant mask when
+   `assistant_only_loss` (`data.chat_template`: the template's `{% generation %}` blocks, or the assistant turns
+   read from growing prefixes of the conversation). Labels come from masks, never from the pad id, so
    `pad == eos` cannot mask a real EOS.
 5. Without packing: cut to `max_length` (`keep_start` keeps the first tokens) and drop rows left with no label
    (e.g. a prompt that fills `max_length`). With packing: no per-row cut; `data.packing` packs (`bfd` cuts each
@@ -28,8 +29,10 @@ Deliberate differences (each where TRL fails or silently trains on something els
   unchanged, which renders a `human` turn, and `assistant_only_loss` then finds no assistant).
 - `assistant_only_loss` works on a ShareGPT `conversations` column (TRL checks the row before converting it and
   raises "not conversational"); a `conversations` column with role/content keys is read too (TRL: KeyError).
-- `assistant_only_loss` with a template lacking `{% generation %}` is a DataError (TRL swaps in its own training
-  template for ~30 known model families and raises for any other).
+- `assistant_only_loss` with a template lacking `{% generation %}` trains the assistant turns read from growing
+  prefixes of the conversation, for any prefix-preserving template (TRL swaps in its own training template for
+  ~30 known model families and raises for any other; on the templates it swaps, the tokens and labels are the
+  same: tests/test_chat_templates.py).
 - Empty text / content, non-string content, unknown roles (`data.messages`, the same checks as DPO's),
   `completion_only_loss=True` on data without a prompt, and a `labels` column without `input_ids` are
   DataErrors (TRL trains on a lone EOS, lets the template decide, or ignores the flag).
@@ -44,6 +47,7 @@ from data.chat_template import (
     end_of_turn_in_assistant_mask,
     has_generation_markers,
     render_ids,
+    render_with_assistant_mask,
 )
 from data.common import IGNORE_INDEX, check_length_options, common_prefix_length, shuffled, to_rows
 from data.errors import DataError
@@ -150,9 +154,9 @@ def _tokenize_rows(
             prompt = clean_messages(row.get("prompt"), index, "prompt")
             completion = clean_messages(row.get("completion"), index, "completion")
             prompt_ids = render_ids(tokenizer, prompt, index, add_generation_prompt=True, **kwargs)["input_ids"]
-            full = render_ids(
-                tokenizer, prompt + completion, index, return_assistant_tokens_mask=assistant_only_loss, **kwargs
-            )
+            # With completion-only loss the prompt's assistant turns carry no loss, whatever the template does.
+            full = _render(tokenizer, prompt + completion, index, assistant_only_loss,
+                           len(prompt) if completion_only_loss else 0, kwargs)
             masks = [full["assistant_masks"]] if "assistant_masks" in full else []
             _require_assistant_tokens(masks, index)
             examples.append(
@@ -162,20 +166,26 @@ def _tokenize_rows(
         else:
             column = "conversations" if fmt == CONVERSATIONS else "messages"
             messages = clean_messages(row.get(column), index, column, sharegpt=fmt == CONVERSATIONS)
-            full = render_ids(
-                tokenizer, messages, index, return_assistant_tokens_mask=assistant_only_loss, **kwargs
-            )
+            full = _render(tokenizer, messages, index, assistant_only_loss, 0, kwargs)
             masks = [full["assistant_masks"]] if "assistant_masks" in full else []
             _require_assistant_tokens(masks, index)
             examples.append({"input_ids": full["input_ids"], "labels": _labels(full["input_ids"], masks)})
     return examples
 
 
+def _render(tokenizer, messages: list[dict[str, Any]], index: int, assistant_only_loss: bool, first_message: int,
+            kwargs: dict[str, Any]) -> dict[str, list[int]]:
+    """The conversation's ids, with the assistant mask (`data.chat_template`) when the loss is assistant-only."""
+    if assistant_only_loss:
+        return render_with_assistant_mask(tokenizer, messages, index, first_message, **kwargs)
+    return render_ids(tokenizer, messages, index, **kwargs)
+
+
 def _require_assistant_tokens(masks: list[list[int]], index: int) -> None:
     if masks and 1 not in masks[0]:
         raise DataError(
             f"Row {index}: assistant_only_loss is on but the chat template marks no assistant token in this row "
-            "(no assistant message, or no {% generation %} block around it); fix the row or the template."
+            "(no assistant message, or a {% generation %} block that marks none); fix the row or the template."
         )
 
 
@@ -234,18 +244,12 @@ def _check_setup(
                 f"The dataset is conversational ('{fmt}') but the tokenizer has no chat template; use a tokenizer "
                 "with one or set one with --chat_template_path."
             )
-        if assistant_only_loss:
-            if not has_generation_markers(template):
-                raise DataError(
-                    "--assistant_only_loss needs a chat template that wraps assistant text in "
-                    "{% generation %}...{% endgeneration %}; this tokenizer's template has no such block. Add it "
-                    "(--chat_template_path) or drop --assistant_only_loss."
-                )
-            if not end_of_turn_in_assistant_mask(tokenizer):
-                report.warnings.append(
-                    "the chat template's {% generation %} block does not include the end-of-turn token, so the "
-                    "model is not trained to stop"
-                )
+        if assistant_only_loss and not end_of_turn_in_assistant_mask(tokenizer):
+            where = "{% generation %} block" if has_generation_markers(template) else "assistant turn"
+            report.warnings.append(
+                f"the chat template's {where} does not include the end-of-turn token, so the model is not trained "
+                "to stop"
+            )
 
     return bool(completion_only_loss)
 
@@ -315,7 +319,7 @@ def prepare_sft_dataset(
         tokenizer: A Hugging Face tokenizer (`eos_token` needed for text; a chat template for conversations).
         max_length: Cut rows to this many tokens (or the packed row length); None = no limit (not with packing).
         completion_only_loss: Loss on the completion only; None = on when the data has prompt and completion.
-        assistant_only_loss: Loss on assistant tokens only (chat template with `{% generation %}`).
+        assistant_only_loss: Loss on assistant tokens only (see `data.chat_template`).
         dataset_text_field: Column of plain text.
         packing: Pack examples into rows of `max_length` tokens.
         packing_strategy: "bfd" (default), "bfd_split" or "wrapped" (see `data.packing`).

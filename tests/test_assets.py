@@ -32,6 +32,18 @@ def render(tok, messages, **kwargs) -> str:
     return tok.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
+def trained_text(tok, ids: list[int], mask: list[int]) -> list[str]:
+    """The masked tokens, decoded, one string per contiguous run."""
+    runs, current = [], []
+    for token, bit in zip(ids, mask, strict=True):
+        if bit:
+            current.append(token)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return runs + ([tok.decode(current)] if current else [])
+
+
 def token_ids(tok, messages, **kwargs) -> list[int]:
     return tok.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
@@ -161,17 +173,7 @@ def test_assistant_mask_is_content_plus_im_end_newline(tok):
     )
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(ids) == len(mask)
-    # Contiguous masked spans, decoded.
-    spans, current = [], []
-    for token_id, flag in zip(ids, mask, strict=True):
-        if flag:
-            current.append(token_id)
-        elif current:
-            spans.append(tok.decode(current))
-            current = []
-    if current:
-        spans.append(tok.decode(current))
-    assert spans == ["17 + 25 = 42.<|im_end|>\n", "god<|im_end|>\n"]
+    assert trained_text(tok, ids, mask) == ["17 + 25 = 42.<|im_end|>\n", "god<|im_end|>\n"]
     # The token before each span is the "\n" that closes the empty think block.
     first = mask.index(1)
     assert tok.convert_ids_to_tokens(ids[first - 2 : first]) == ["</think>", "Ċ"]

@@ -101,12 +101,22 @@ def test_chat_template_missing(tokenizer):
         prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), bare)
 
 
-def test_assistant_only_loss_needs_generation_markers(tokenizer):
-    """TRL would try to swap in a known model family's training template; we ask for {% generation %}."""
+def test_assistant_only_loss_without_generation_markers_reads_the_turns(tokenizer):
+    """Issue 14: a template without {% generation %} is no longer refused; the assistant turns are read from
+    growing prefixes of the conversation (data/chat_template.py). On the same ChatML text the labels equal those
+    of the marked template, except the "\n" after each <|im_end|>: the marked template leaves it outside its block,
+    while a turn read from the rendering runs to the end of what the turn renders, "<|im_end|>\n"."""
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = NO_GENERATION_TEMPLATE
-    with pytest.raises(DataError, match=r"\{% generation %\}\.\.\.\{% endgeneration %\}"):
-        prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), plain, assistant_only_loss=True)
+    ours, _ = prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), plain, assistant_only_loss=True)
+    marked, _ = prepare_sft_dataset(copy.deepcopy(MESSAGES_ROWS), tokenizer, assistant_only_loss=True)
+    im_end, newline = tokenizer.convert_tokens_to_ids(["<|im_end|>", "Ċ"])
+    for our_row, marked_row in zip(ours, marked, strict=True):
+        ids = our_row["input_ids"]
+        assert ids == marked_row["input_ids"]
+        differs = [t for t, (a, b) in enumerate(zip(our_row["labels"], marked_row["labels"], strict=True)) if a != b]
+        assistant_ends = [t for t in range(1, len(ids)) if marked_row["labels"][t - 1] == im_end]
+        assert differs == assistant_ends and all(ids[t] == newline == our_row["labels"][t] for t in differs)
 
 
 def test_end_of_turn_outside_generation_block_is_reported(tokenizer):
