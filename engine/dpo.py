@@ -57,8 +57,10 @@ class DPOMethod:
 
     # ------------------------------------------------------------------ data
     def prepare(self, dataset, *, split_name: str, shuffle_seed: int | None = None):
+        from data.column_map import normalize_dpo_columns
         from data.dpo import prepare_dpo_dataset
 
+        dataset = normalize_dpo_columns(dataset, self.config.dataset_column_map)
         examples, report = prepare_dpo_dataset(
             dataset, self.tokenizer, max_length=self.config.max_length, truncation_mode=self.config.truncation_mode
         )

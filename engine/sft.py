@@ -29,7 +29,7 @@ class SFTMethod:
 
     # ------------------------------------------------------------------ data
     def prepare(self, dataset, *, split_name: str, shuffle_seed: int | None = None):
-        from data.formats import normalize_sft_columns
+        from data.column_map import normalize_sft_columns
         from data.sft import prepare_sft_dataset
 
         dataset = normalize_sft_columns(dataset, self.config.dataset_column_map)

@@ -23,6 +23,7 @@ from trl.data_utils import extract_prompt as trl_extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from data.collate_dpo import collate_dpo
+from data.column_map import normalize_dpo_columns
 from data.common import resolve_pad_token_id
 from data.defaults import DEFAULT_TOKENIZER_DIR
 from data.dpo import extract_implicit_prompt, prepare_dpo_dataset
@@ -669,3 +670,86 @@ def test_empty_dataset_and_tokenizer_without_eos():
     tokenizer.eos_token = None
     with pytest.raises(DataError, match="The tokenizer has no eos_token"):
         prepare_dpo_dataset([GOOD_TEXT], tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --dataset_column_map for preference data
+# ---------------------------------------------------------------------------------------------------------------
+
+ULTRAFEEDBACK = [  # argilla/ultrafeedback-binarized-preferences columns (ratings kept, unused)
+    {"instruction": "What color is the sky?", "chosen_response": "It is blue.", "rejected_response": "It is green.",
+     "chosen_rating": 5.0, "rejected_rating": 2.0},
+    {"instruction": "Name a fruit.", "chosen_response": "Apple.", "rejected_response": "A carrot.",
+     "chosen_rating": 4.0, "rejected_rating": 1.0},
+]
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_column_map_renames_ultrafeedback_columns(as_dataset):
+    """`instruction=prompt chosen_response=chosen rejected_response=rejected` (issue 10's command): the same ids as
+    the same rows written with prompt/chosen/rejected text columns."""
+    tokenizer = TOKENIZERS["chatml"]
+    rows = datasets.Dataset.from_list(ULTRAFEEDBACK) if as_dataset else copy.deepcopy(ULTRAFEEDBACK)
+    mapped = normalize_dpo_columns(rows, ["instruction=prompt", "chosen_response=chosen", "rejected_response=rejected"])
+    explicit = [{"prompt": row["instruction"], "chosen": row["chosen_response"], "rejected": row["rejected_response"]}
+                for row in ULTRAFEEDBACK]
+    assert prepare_dpo_dataset(mapped, tokenizer)[0] == prepare_dpo_dataset(explicit, tokenizer)[0]
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_ultrafeedback_preset_builds_conversations(as_dataset):
+    """The preset makes the instruction a user message and the answers assistant messages (trl-lib's form):
+    prompt_ids end with the generation prompt and chosen_ids are the rendered answer "It is blue.<|im_end|>\\n"."""
+    tokenizer = TOKENIZERS["chatml"]
+    rows = datasets.Dataset.from_list(ULTRAFEEDBACK) if as_dataset else copy.deepcopy(ULTRAFEEDBACK)
+    mapped = normalize_dpo_columns(rows, "ultrafeedback-binarized-preferences")
+    ours, report = prepare_dpo_dataset(mapped, tokenizer)
+    explicit = [{"prompt": [user(row["instruction"])], "chosen": [assistant(row["chosen_response"])],
+                 "rejected": [assistant(row["rejected_response"])]} for row in ULTRAFEEDBACK]
+    assert ours == prepare_dpo_dataset(explicit, tokenizer)[0]
+    assert report.conversational and report.prompt_source == "column"
+    assert tokenizer.decode(ours[0]["chosen_ids"]) == "It is blue.<|im_end|>\n"
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_hh_rlhf_preset_builds_dialogues(as_dataset):
+    """hh-rlhf's "\\n\\nHuman: ... \\n\\nAssistant: ..." texts become messages; the prompt is the shared leading
+    turns (row 2: two user and one assistant turn), the completion the last assistant turn."""
+    tokenizer = TOKENIZERS["chatml"]
+    rows = datasets.Dataset.from_list(HH_RLHF) if as_dataset else copy.deepcopy(HH_RLHF)
+    mapped = normalize_dpo_columns(rows, ["hh-rlhf"])
+    assert mapped[2]["chosen"] == [user("hi"), assistant("hello"), user("How are you?"), assistant("I am fine.")]
+    ours, report = prepare_dpo_dataset(mapped, tokenizer)
+    assert report.prompt_source == "extracted" and report.kept_rows == [0, 1, 2, 3]
+    assert tokenizer.decode(ours[2]["prompt_ids"]).endswith("How are you?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(ours[2]["chosen_ids"]) == "I am fine.<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    ("rows", "spec", "message"),
+    [
+        (ULTRAFEEDBACK, ["question=prompt", "chosen_response=chosen", "rejected_response=rejected"],
+         r"no column 'question' \(columns: \['instruction', 'chosen_response'"),
+        (ULTRAFEEDBACK, ["instruction=completion"], "'completion' is not a DPO column"),
+        (ULTRAFEEDBACK, "gsm8k", r"unknown preset \(it is a --method sft preset\)"),
+        ([{"prompt": "x", "chosen": "a"}], "ultrafeedback-binarized-preferences",
+         r"needs the columns \['instruction', 'chosen_response', 'rejected_response'\]"),
+        ([{"chosen": "Human: hi", "rejected": "\n\nHuman: hi\n\nAssistant: no"}], "hh-rlhf",
+         "Row 0: field 'chosen' is not an hh-rlhf dialogue"),
+    ],
+)
+def test_column_map_errors(rows, spec, message):
+    with pytest.raises(DataError, match=message):
+        normalize_dpo_columns(copy.deepcopy(rows), spec)
+
+
+def test_engine_applies_the_column_map_for_dpo():
+    """The map given to train.py reaches DPO preparation (it used to be accepted and ignored)."""
+    from engine.config import parse_config
+    from engine.dpo import DPOMethod
+
+    config = parse_config(["--method", "dpo", "--dataset_column_map", "ultrafeedback-binarized-preferences"])
+    method = DPOMethod(config, TOKENIZERS["chatml"], accelerator=None)
+    examples, report = method.prepare(datasets.Dataset.from_list(ULTRAFEEDBACK), split_name="train")
+    assert report.num_kept == 2 and report.conversational
+    assert TOKENIZERS["chatml"].decode(examples[1]["chosen_ids"]) == "Apple.<|im_end|>\n"

@@ -12,9 +12,9 @@ import pytest
 from datasets import Dataset
 from test_data_sft import CHATML_TEMPLATE, MESSAGES_ROWS, build_tokenizer
 
+from data.column_map import COLUMN_PRESETS, normalize_sft_columns, parse_column_map
 from data.errors import DataError
 from data.formats import (
-    COLUMN_PRESETS,
     CONVERSATIONS,
     MESSAGES,
     PROMPT_COMPLETION,
@@ -22,8 +22,6 @@ from data.formats import (
     TEXT,
     TOKENIZED,
     detect_sft_format,
-    normalize_sft_columns,
-    parse_column_map,
 )
 from data.sft import prepare_sft_dataset
 
