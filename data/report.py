@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from data.formats import CONVERSATIONAL_FORMATS
+
 NO_TARGET = "no target token"
 NO_TARGET_AFTER_TRUNCATION = "no target token left after truncation to max_length"
 PROMPT_TOO_LONG = "prompt of max_length tokens or more"
@@ -71,7 +73,7 @@ class PrepReport:
 
     @property
     def conversational(self) -> bool:
-        return self.format in ("conversational", "conversations", "messages", "prompt_completion_conversational")
+        return self.format == "conversational" or self.format in CONVERSATIONAL_FORMATS
 
     @property
     def num_dropped(self) -> int:
