@@ -75,8 +75,8 @@ class DPOMethod:
         from data.common import resolve_pad_token_id
 
         # TRL truncates in the collator (each prompt+completion to max_length), not at preparation.
-        batch = collate_dpo(examples, pad_token_id=resolve_pad_token_id(self.tokenizer), max_length=self.config.max_length,
-                            truncation_mode=self.config.truncation_mode)
+        batch = collate_dpo(examples, pad_token_id=resolve_pad_token_id(self.tokenizer),
+                            max_length=self.config.max_length, truncation_mode=self.config.truncation_mode)
         batch["index"] = torch.tensor([e["index"] for e in examples])
         return batch
 
