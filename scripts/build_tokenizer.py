@@ -39,7 +39,8 @@ MODEL_MAX_LENGTH = 1024
 # empty system turn is not rendered. In /no_think mode every assistant turn, and the generation prompt, opens
 # with an empty think block, so the generation prompt is always a token prefix of the full conversation.
 # `{% generation %}` wraps the assistant content *and* its `<|im_end|>\n`: the model is trained to stop (TRL's
-# `is_chat_template_stop_token_trained` checks this), and the span equals the completion TRL's DPO extracts.
+# `is_chat_template_stop_token_trained` checks this). In /no_think mode it also wraps the inserted empty think block:
+# that block is part of the assistant's turn (SmolLM3's rule), so markers and prefix rendering give the same mask.
 CHAT_TEMPLATE = """\
 {#- nanopost ChatML template (SmolLM3 style). Modes: /think (default), /no_think. -#}
 {%- set ns = namespace(mode="/think", system="") -%}
@@ -61,9 +62,9 @@ CHAT_TEMPLATE = """\
 {%- endif -%}
 {%- for message in messages -%}
     {%- if message.role == "assistant" -%}
-        {{- "<|im_start|>assistant\\n" + think_prefix -}}
+        {{- "<|im_start|>assistant\\n" -}}
         {%- generation -%}
-            {{- message.content + "<|im_end|>\\n" -}}
+            {{- think_prefix + message.content + "<|im_end|>\\n" -}}
         {%- endgeneration -%}
     {%- elif not (message.role == "system" and loop.first) -%}
         {{- "<|im_start|>" + message.role + "\\n" + message.content + "<|im_end|>\\n" -}}

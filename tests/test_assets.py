@@ -159,8 +159,10 @@ def test_think_content_is_kept_intact(tok):
 
 
 def test_assistant_mask_is_content_plus_im_end_newline(tok):
-    """The `{% generation %}` span of each assistant turn is `content<|im_end|>\\n`: the header (and the empty
-    think block in /no_think mode) is prompt, the end-of-turn token is trained so the model learns to stop."""
+    """The `{% generation %}` span of each assistant turn is `<think>\\n\\n</think>\\ncontent<|im_end|>\\n` in
+    /no_think mode: the role header is prompt; the empty think block the template inserts belongs to the turn (issue
+    14's rule for SmolLM3's no-think mode, the same span the prefix-rendering mask gives); the end-of-turn token is
+    trained so the model learns to stop."""
     messages = [
         {"role": "system", "content": "/no_think"},
         USER,
@@ -173,10 +175,11 @@ def test_assistant_mask_is_content_plus_im_end_newline(tok):
     )
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(ids) == len(mask)
-    assert trained_text(tok, ids, mask) == ["17 + 25 = 42.<|im_end|>\n", "god<|im_end|>\n"]
-    # The token before each span is the "\n" that closes the empty think block.
+    think = "<think>\n\n</think>\n"
+    assert trained_text(tok, ids, mask) == [think + "17 + 25 = 42.<|im_end|>\n", think + "god<|im_end|>\n"]
+    # The tokens before each span are the role header's "assistant" and its "\n"; the span opens with <think>.
     first = mask.index(1)
-    assert tok.convert_ids_to_tokens(ids[first - 2 : first]) == ["</think>", "Ċ"]
+    assert tok.convert_ids_to_tokens(ids[first - 2 : first + 1]) == ["assistant", "Ċ", "<think>"]
     # TRL 1.16 accepts the template for assistant_only_loss without patching or warnings.
     assert has_generation_markers(tok.chat_template)
     assert is_chat_template_stop_token_trained(tok)

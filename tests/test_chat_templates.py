@@ -135,9 +135,9 @@ def test_prefix_mask_equals_generation_markers(base, name):
 
 
 def test_shipped_template_markers_and_prefixes(base):
-    """Ours in think mode: both ways give `content<|im_end|>\\n`. In /no_think mode our markers leave the inserted
-    empty think block in the prompt, while the prefix rule counts it as part of the turn (SmolLM3's rule); the
-    engine uses the markers wherever a template has them, so the shipped template trains as before."""
+    """Ours, in think and /no_think mode, gives the same mask both ways (markers and growing prefixes). Think mode:
+    `content<|im_end|>\\n`. /no_think mode: the inserted empty think block is part of the turn (SmolLM3's rule),
+    which the shipped template's `{% generation %}` span includes."""
     think = [user("Hi"), assistant("Hello!"), user("2+2?"), assistant("<think>\nadd\n</think>\n4")]
     for messages in (think, [{"role": "system", "content": "/think"}, *think]):
         markers = render_with_assistant_mask(base, messages, 0)
@@ -145,9 +145,9 @@ def test_shipped_template_markers_and_prefixes(base):
         assert markers == prefixes
         assert trained_text(base, **_ids_mask(markers)) == ["Hello!<|im_end|>\n", "<think>\nadd\n</think>\n4<|im_end|>\n"]
     no_think = [{"role": "system", "content": "/no_think"}, *think]
-    assert trained_text(base, **_ids_mask(render_with_assistant_mask(base, no_think, 0))) == [
-        "Hello!<|im_end|>\n", "<think>\nadd\n</think>\n4<|im_end|>\n"]
-    assert trained_text(base, **_ids_mask(assistant_mask_by_prefixes(base, no_think, 0))) == [
+    markers = render_with_assistant_mask(base, no_think, 0)
+    assert markers == assistant_mask_by_prefixes(base, no_think, 0)
+    assert trained_text(base, **_ids_mask(markers)) == [
         "<think>\n\n</think>\nHello!<|im_end|>\n", "<think>\n\n</think>\n<think>\nadd\n</think>\n4<|im_end|>\n"]
 
 

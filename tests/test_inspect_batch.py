@@ -129,8 +129,9 @@ def test_reference_free_rewards(model_dir):
 
 @pytest.mark.parametrize("assistant_only", [False, True])
 def test_sft_roles_and_loss_mask(model_dir, assistant_only):
-    """Chat rows: the assistant tokens decode to the raw assistant message + `<|im_end|>\\n` (the template's
-    `{% generation %}` block), every other real token is `prompt`. By default (TRL's, for `messages` data) the
+    """Chat rows: the assistant tokens decode to the raw assistant message + `<|im_end|>\\n`, preceded in /no_think
+    rows by the empty think block the template inserts (the template's `{% generation %}` block), every other real
+    token is `prompt`. By default (TRL's, for `messages` data) the
     loss trains every token but the first; with --assistant_only_loss it trains exactly the assistant tokens.
     The NLL is the sum of the trained tokens' −logp, about ln 1024 = 6.93 per token for a near-uniform model."""
     flags = ["--method", "sft", "--per_device_train_batch_size", "4"]
@@ -140,7 +141,9 @@ def test_sft_roles_and_loss_mask(model_dir, assistant_only):
     for sequence, example in zip(view.sequences, view.example_indices, strict=True):
         messages = data[example]["messages"]
         assistant = [m["content"] for m in messages if m["role"] == "assistant"]
-        assert text_of(sequence, "assistant") == "".join(content + END_OF_TURN for content in assistant)
+        no_think = any(m["role"] == "system" and "/no_think" in m["content"] for m in messages)
+        think_block = "<think>\n\n</think>\n" if no_think else ""
+        assert text_of(sequence, "assistant") == "".join(think_block + content + END_OF_TURN for content in assistant)
         first = sequence.tokens[0]
         assert (first.text, first.role, first.trained) == ("<|im_start|>", "prompt", False)
         for token in sequence.tokens[1:]:
