@@ -1,7 +1,7 @@
 """Post-training from the command line: SFT and DPO in plain PyTorch, with TRL's flag names.
 
     python train.py --method sft                          # built-in tiny SmolLM3 on the bundled chat data
-    python train.py --method dpo                          # built-in DPO demo (preference accuracy, win rate)
+    python train.py --method dpo                          # built-in DPO demo (examples/dpo_demo.py)
     python train.py --method sft --model_name_or_path HuggingFaceTB/SmolLM3-3B-Base \\
         --dataset_name HuggingFaceTB/smoltalk2_everyday_convs_think
     python train.py --method dpo --model_name_or_path <sft model> --dataset_name Anthropic/hh-rlhf
@@ -24,9 +24,14 @@ def main(argv: list[str] | None = None) -> int:
 
         config = parse_config(argv)  # flag and YAML errors surface here, before torch is imported
 
-        from engine.loop import train
+        from examples import dpo_demo
 
-        train(config)
+        if dpo_demo.is_demo(config):  # DPO with no model (the demo's SFT start) or no data (its report)
+            dpo_demo.run(config)
+        else:
+            from engine.loop import train
+
+            train(config)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -11,21 +11,56 @@ run killed while saving leaves the previous checkpoint whole and never a half-wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
+from engine.config import TrainConfig
 from engine.errors import UserError
+from engine.setup import full_state_dict, load_model_files, save_model_files
+from engine.tracking import MetricWindow
 
 STATE_FILE = "trainer_state.json"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after an optimizer step: what a checkpoint's trainer_state.json holds, and all the loop
+    needs to continue exactly where it stopped (with the weights, optimizer, schedule and RNG saved beside it)."""
+
+    global_step: int = 0
+    epoch: float = 0.0
+    micro_batches_seen: int = 0  # the data position: the data order is a function of it (engine/data_order.py)
+    num_tokens: float = 0.0  # tokens seen on all processes (TRL's num_tokens)
+    metric_window: MetricWindow = field(default_factory=MetricWindow)  # metrics collected since the last log
+    method: str = "sft"
+    model_name_or_path: str | None = None
+    total_steps: int = 0
+    loss_since_log: float = 0.0  # sum of the step losses since the last log
+    steps_since_log: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**values, "metric_window": self.metric_window.state_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingState:
+        """From trainer_state.json; keys that older checkpoints lack keep their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"metric_window"}
+        state = cls(**{k: v for k, v in values.items() if k in known})
+        state.metric_window.load_state_dict(values.get("metric_window", {}))
+        return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,7 +132,56 @@ def resolve_resume_path(value: str | None, output_dir: str) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json as written (`TrainingState.from_dict` types it)."""
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def check_resume_compatible(folder: Path, method: str, model_name_or_path: str | None) -> None:
+    """Refuse to continue a checkpoint of another method or another starting model."""
+    saved = TrainingState.from_dict(read_state(folder))
+    if saved.method != method:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: it is a {saved.method} checkpoint but this run is "
+            f"--method {method}; resume with the same method or start fresh"
+        )
+    if saved.model_name_or_path != model_name_or_path:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: it was trained from {saved.model_name_or_path} but this "
+            f"run names {model_name_or_path}; resume with the same --model_name_or_path"
+        )
+
+
+def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Accelerator, model, optimizer, scheduler,
+                    config: TrainConfig, tokenizer) -> Path:
+    """Write `<output_dir>/checkpoint-<step>` atomically (every process calls it; the main process writes)."""
+    final = output_dir / f"checkpoint-{state.global_step}"
+    state_dict = full_state_dict(accelerator, model)  # every process takes part when the model is sharded
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        def write(folder: Path) -> None:
+            save_model_files(config.use_peft, accelerator.unwrap_model(model), tokenizer, folder,
+                             state_dict=state_dict)
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            torch.save(rng_state(), folder / "rng_state.pth")
+            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            (folder / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")  # last: marks complete
+
+        atomic_directory(final, write)
+        prune_checkpoints(output_dir, config.save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, scheduler,
+                    use_peft: bool) -> TrainingState:
+    """Weights, optimizer, schedule and RNG from `folder` into the live run; returns its TrainingState."""
+    state = TrainingState.from_dict(read_state(folder))
+    load_model_files(use_peft, accelerator.unwrap_model(model), folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
+    return state
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:

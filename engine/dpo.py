@@ -23,9 +23,10 @@ from torch import Tensor
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import scatter_to_rows, token_stats
+from engine.method import Method
 
 
-class DPOMethod:
+class DPOMethod(Method):
     name = "dpo"
     normalise_by_window_tokens = False  # each micro-batch loss is divided by the number of micro-batches
 
@@ -249,15 +250,6 @@ class DPOMethod:
     def evaluate_batch(self, model, batch: dict[str, Tensor]) -> dict[str, float]:
         loss, metrics = self.loss(model, batch, train=False)
         return {"loss": float(loss), **metrics}
-
-    # ------------------------------------------------------------------ demo report
-    def finish(self, model, output_dir: Path) -> dict[str, Any] | None:
-        """For the built-in demo: held-out preference accuracy and rule-judged win rate, before vs after."""
-        if self.config.dataset_name is not None or not self.config.demo_eval_samples or not self.eval_examples:
-            return None
-        from engine.demo import demo_report
-
-        return demo_report(self, model, output_dir)
 
 
 def _weights_fingerprint(model: torch.nn.Module, adapters_off: bool = False) -> str:

@@ -1,25 +1,23 @@
 """The training loop: read it top to bottom.
 
-    config -> accelerator, tokenizer, model (+ LoRA) -> data -> optimizer, schedule -> (resume) ->
+    config -> accelerator, tokenizer, model (+ LoRA) -> method -> data -> optimizer, schedule -> (resume) ->
     for each optimizer step:
         take the next `gradient_accumulation_steps` micro-batches (the window)
         for each micro-batch: loss = method.loss(model, batch, targets in window); backward
         clip, optimizer step, schedule step
         log / evaluate / checkpoint
-    -> final model (atomically) -> method.finish (e.g. the DPO demo report)
+    -> final evaluation -> final model (atomically)
 
-Data order is a pure function of (seed, epoch, position), so a resumed run sees exactly the micro-batches an
-uninterrupted one would, and matches the order of TRL's seeded sampler.
+What is not the loop lives beside it: the data order (engine/data_order.py), the optimizer, schedule and clipping
+(engine/update.py), evaluation (engine/evaluation.py), checkpoints and the resume state (engine/checkpoint.py),
+stopping on a signal or a non-finite value (engine/faults.py), model loading and saving (engine/setup.py), and
+the methods themselves (engine/method.py, engine/sft.py, engine/dpo.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
-import re
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,9 +30,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from engine import checkpoint as ckpt
+from engine import setup
+from engine.checkpoint import TrainingState
 from engine.config import TrainConfig, config_to_dict
+from engine.data_order import DataOrder
+from engine.data_order import epoch_order as epoch_order  # re-exported: tests and scripts/inspect_batch.py
+from engine.data_order import micro_batches_of_epoch as micro_batches_of_epoch
 from engine.errors import UserError
-from engine.tracking import MetricsWriter, MetricWindow
+from engine.evaluation import evaluate
+from engine.faults import StopRequest, check_finite, check_finite_weights
+from engine.method import Method, call_through
+from engine.update import build_optimizer, build_scheduler, clip_gradients
+from engine.tracking import MetricsWriter
 
 # Optional test/debug hooks: called with (step, model) right after gradient clipping, before optimizer.step().
 StepHook = Callable[[int, torch.nn.Module], None]
@@ -46,117 +53,12 @@ class TrainResult:
     global_step: int
     logs: list[dict[str, Any]] = field(default_factory=list)
     final_metrics: dict[str, Any] = field(default_factory=dict)
+    model: torch.nn.Module | None = None  # the trained model (unwrapped), as saved in output_dir
+    tokenizer: Any = None
 
 
-# ---------------------------------------------------------------------- data order
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch.
-
-    Same as accelerate's seedable sampler under transformers' Trainer: `randperm(n)` from a generator seeded with
-    `seed + epoch`. Deterministic, so resuming needs only the position, not a saved sampler.
-    """
-    generator = torch.Generator()
-    generator.manual_seed(seed + epoch)
-    return torch.randperm(num_examples, generator=generator).tolist()
-
-
-def micro_batches_of_epoch(order: list[int], batch_size: int, num_processes: int, process_index: int) -> list[list[int]]:
-    """Split an epoch's order into this process's micro-batches.
-
-    Global micro-batch k holds order[k*B*P : (k+1)*B*P]; process p takes its p-th slice of B. A short last global
-    batch is topped up from the start of the epoch so every process gets B examples (accelerate's even_batches);
-    with one process the short last batch is kept as it is (as transformers' Trainer does).
-    """
-    global_size = batch_size * num_processes
-    batches = []
-    for start in range(0, len(order), global_size):
-        chunk = order[start : start + global_size]
-        if len(chunk) < global_size and num_processes > 1:
-            chunk = chunk + order[: global_size - len(chunk)]
-        batches.append(chunk[process_index * batch_size : (process_index + 1) * batch_size])
-    return [b for b in batches if b]
-
-
-# ---------------------------------------------------------------------- optimizer
-
-
-# transformers' convention (what TRL uses): no weight decay on biases and normalisation weights.
-_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; fused where torch supports it (TRL's default `adamw_torch_fused`)."""
-    no_decay_modules = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = _NO_DECAY.search(name.lower()) or id(param) in no_decay_modules
-        (no_decay if skip else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    device = next(model.parameters()).device
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        fused=device.type in ("cpu", "cuda"),
-    )
-
-
-def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-# ---------------------------------------------------------------------- stop on signal
-
-
-class StopRequest:
-    """SIGTERM / Ctrl-C: finish the current step, checkpoint, exit with instructions (installed by the loop)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under a test runner thread): no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n[nanopost] received signal {signum}: finishing this step, then saving a checkpoint.", flush=True)
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether to stop now, the same answer on every process: a signal can reach the processes at different
-        moments (or only one of them), and a process that saved and exited while another ran on would hang both."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flags = accelerator.gather(torch.tensor([int(self.requested)], device=accelerator.device))
-        return bool(flags.max())
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------- the loop
-
-
-def make_method(config: TrainConfig, tokenizer, accelerator, model=None):
+def make_method(config: TrainConfig, tokenizer, accelerator) -> Method:
+    """The method `config.method` names."""
     if config.method == "sft":
         from engine.sft import SFTMethod
 
@@ -166,330 +68,195 @@ def make_method(config: TrainConfig, tokenizer, accelerator, model=None):
     return DPOMethod(config, tokenizer, accelerator)
 
 
-def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainResult:
-    from engine.setup import build_accelerator, load_datasets, load_model_and_tokenizer, save_final_model
+@dataclass
+class _Run:
+    """The parts of one run that every step uses."""
 
+    config: TrainConfig
+    accelerator: Accelerator
+    method: Method
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tokenizer: Any
+    writer: MetricsWriter
+    step_hook: StepHook | None
+    last_checkpoint: Path | None  # named in error messages: where to resume from
+
+
+def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainResult:
     started = time.time()
     output_dir = Path(config.output_dir)
-    _check_output_dir(output_dir)
-    accelerator = build_accelerator(config)
+    setup.check_output_dir(output_dir)
+    accelerator = setup.build_accelerator(config)
     set_seed(config.seed)
     resume_from = ckpt.resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
     if resume_from is not None:
-        _check_resume_compatible(resume_from, config)
+        ckpt.check_resume_compatible(resume_from, config.method, config.model_name_or_path)
 
-    model, tokenizer = load_model_and_tokenizer(config, accelerator)
+    model, tokenizer = setup.load_model_and_tokenizer(config, accelerator)
     method = make_method(config, tokenizer, accelerator)
     # Seed again after the model (and LoRA init) took its draws, as transformers' Trainer does: dropout masks then
     # follow the same random stream as TRL's, so runs with dropout match TRL too.
     set_seed(config.seed)
 
-    # -------------------------------------------------------------- data
-    train_raw, eval_raw = load_datasets(config)
+    train_examples, eval_examples = _prepare_data(config, method, accelerator)
+    order = DataOrder(len(train_examples), config.per_device_train_batch_size, config.seed,
+                      accelerator.num_processes, accelerator.process_index)
+    steps_per_epoch = max(math.ceil(order.micro_batches_per_epoch / config.gradient_accumulation_steps), 1)
+    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
+    model = method.setup(model, train_examples, accelerator)  # e.g. DPO's reference, before the weights move
+
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config.lr_scheduler_type, total_steps, config.warmup_steps,
+                                config.warmup_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = TrainingState(method=config.method, model_name_or_path=config.model_name_or_path,
+                          total_steps=total_steps)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, config.use_peft)
+        state.method, state.model_name_or_path, state.total_steps = config.method, config.model_name_or_path, total_steps
+        if accelerator.is_main_process:
+            print(f"[nanopost] resumed from {resume_from} at step {state.global_step}", flush=True)
+    writer = MetricsWriter(output_dir, accelerator, resume_step=state.global_step)
+    if accelerator.is_main_process:
+        (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+    run = _Run(config, accelerator, method, model, optimizer, scheduler, tokenizer, writer, step_hook, resume_from)
+    logs = _run_steps(run, state, order, train_examples, eval_examples)
+
+    final_metrics: dict[str, Any] = {}
+    if eval_examples and config.eval_steps != 0 and (not config.eval_steps or state.global_step % config.eval_steps):
+        final_metrics = evaluate(method, model, eval_examples, config.per_device_eval_batch_size, accelerator)
+        record = {"step": state.global_step, "epoch": state.micro_batches_seen / order.micro_batches_per_epoch,
+                  **final_metrics}
+        writer.write(record)
+        logs.append(record)
+    check_finite_weights(accelerator, model, state.global_step, run.last_checkpoint)
+    setup.save_final_model(config, accelerator, model, tokenizer, output_dir)
+    if accelerator.is_main_process:
+        print(f"[nanopost] done: {state.global_step} steps in {time.time() - started:.0f}s; model in {output_dir}",
+              flush=True)
+    accelerator.end_training()
+    return TrainResult(output_dir, state.global_step, logs, final_metrics, accelerator.unwrap_model(model), tokenizer)
+
+
+def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator) -> tuple[list, list | None]:
+    """The training split's examples and the held-out split's (None when the dataset has no such split)."""
+    train_raw, eval_raw = setup.load_datasets(config)
     train_examples, train_report = method.prepare(train_raw, split_name=config.dataset_train_split)
     eval_examples = None
-    if eval_raw is not None:  # also when --eval_steps 0: the DPO demo reports on the held-out split
+    if eval_raw is not None:  # also when --eval_steps 0: a caller may report on the held-out split
         eval_examples, _ = method.prepare(eval_raw, split_name=config.dataset_test_split)
     if accelerator.is_main_process and getattr(train_report, "summary", None):
         print(f"[nanopost] {train_report.summary()}", flush=True)
     if not train_examples:
         raise UserError("the training split has no usable rows after preparation (see the report above)")
+    return train_examples, eval_examples
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro_per_epoch = len(micro_batches_of_epoch(list(range(len(train_examples))),
-                                                 config.per_device_train_batch_size, world, rank))
-    ga = config.gradient_accumulation_steps
-    steps_per_epoch = max(math.ceil(micro_per_epoch / ga), 1)
-    total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
 
-    # Method-specific set-up that needs the model and data (e.g. DPO's reference log-probs).
-    model = method.setup(model, train_examples, accelerator) if hasattr(method, "setup") else model
-
-    # -------------------------------------------------------------- optimizer
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # -------------------------------------------------------------- resume
-    global_step, micro_position, window = 0, 0, MetricWindow()
-    tokens_seen, loss_since_log, steps_since_log = 0.0, 0.0, 0
-    if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        _load_training_state(resume_from, accelerator, model, optimizer, scheduler, config)
-        global_step, micro_position = state["global_step"], state["micro_batches_seen"]
-        tokens_seen = state.get("num_tokens", 0.0)
-        loss_since_log, steps_since_log = state.get("loss_since_log", 0.0), state.get("steps_since_log", 0)
-        window.load_state_dict(state.get("metric_window", {}))
-        ckpt.set_rng_state(torch.load(resume_from / "rng_state.pth", weights_only=False))
-        if accelerator.is_main_process:
-            print(f"[nanopost] resumed from {resume_from} at step {global_step}", flush=True)
-
-    writer = MetricsWriter(output_dir, accelerator, resume_step=global_step)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-
-    def micro_batch_stream(position: int):
-        """Yield (epoch, batch) from micro-batch `position` on, epoch after epoch."""
-        epoch = position // micro_per_epoch
-        offset = position % micro_per_epoch
-        while True:
-            if offset == 0:  # a new epoch: a torch DataLoader draws its worker base seed here; keep TRL's stream
-                torch.empty((), dtype=torch.int64).random_()
-            order = epoch_order(len(train_examples), config.seed, epoch)
-            for indices in micro_batches_of_epoch(order, config.per_device_train_batch_size, world, rank)[offset:]:
-                yield epoch, method.collate([train_examples[i] for i in indices])
-            epoch, offset = epoch + 1, 0
-
-    stream = micro_batch_stream(micro_position)
-    model.train()
+def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples: list,
+               eval_examples: list | None) -> list[dict[str, Any]]:
+    """Optimizer steps until `state.total_steps`, each followed by its log / evaluation / checkpoint."""
+    config, accelerator = run.config, run.accelerator
+    per_epoch = order.micro_batches_per_epoch
+    stream = order.stream(state.micro_batches_seen)
+    run.model.train()
     logs: list[dict[str, Any]] = []
-    last_checkpoint = resume_from
-    progress = tqdm(total=total_steps, initial=global_step, desc=f"{config.method}", unit="step",
+    progress = tqdm(total=state.total_steps, initial=state.global_step, desc=f"{config.method}", unit="step",
                     disable=config.disable_tqdm or not accelerator.is_main_process, dynamic_ncols=True)
-
     with StopRequest() as stop:
-        while global_step < total_steps:
+        while state.global_step < state.total_steps:
             # The window: the next `ga` micro-batches, but never across an epoch's end (as transformers does).
-            epoch_of_window = micro_position // micro_per_epoch
-            in_epoch = micro_position % micro_per_epoch
-            window_size = min(ga, micro_per_epoch - in_epoch)
-            batches = [next(stream)[1] for _ in range(window_size)]
-            micro_position += window_size
-            num_items = None
-            if method.normalise_by_window_tokens:
-                local = torch.tensor(sum(method.count_targets(b) for b in batches), device=accelerator.device)
-                num_items = accelerator.gather(local).sum()  # targets on every process
-                num_items = num_items.clamp(min=1)
-
-            step_loss = 0.0
-            for index, batch in enumerate(batches):
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                sync = index == len(batches) - 1
-                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss, metrics = call_through(
-                        model, accelerator, lambda plain, batch=batch, n=num_items: method.loss(plain, batch, n))
-                    if num_items is not None:
-                        loss = loss * world  # DDP averages gradients over processes; the window sum is global
-                    else:
-                        loss = loss / len(batches)  # mean of micro-batch means (TRL's DPO convention)
-                _check_finite(loss, global_step + 1, "loss", last_checkpoint)
-                accelerator.backward(loss)
-                step_loss += float(loss.detach())  # SFT: world x this process's share; averaged over processes below
-                tokens_seen += metrics.pop("num_tokens")  # already summed over processes by the method
-                window.add(metrics)
-
-            grad_norm = _clip(accelerator, model, config.max_grad_norm)
-            _check_finite(grad_norm, global_step + 1, "gradient norm", last_checkpoint)
-            if step_hook is not None:
-                step_hook(global_step + 1, accelerator.unwrap_model(model))
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
+            epoch_of_window, in_epoch = divmod(state.micro_batches_seen, per_epoch)
+            window_size = min(config.gradient_accumulation_steps, per_epoch - in_epoch)
+            batches = [run.method.collate([train_examples[i] for i in next(stream)]) for _ in range(window_size)]
+            state.micro_batches_seen += window_size
+            step_loss = _accumulate_gradients(run, state, batches)
+            grad_norm, learning_rate = _optimizer_step(run, state)
             progress.update(1)
+            state.loss_since_log += float(accelerator.gather(torch.tensor(step_loss, device=accelerator.device)).mean())
+            state.steps_since_log += 1
+            state.epoch = epoch_of_window + (in_epoch + window_size) / per_epoch
 
-            step_loss = float(accelerator.gather(torch.tensor(step_loss, device=accelerator.device)).mean())
-            loss_since_log += step_loss
-            steps_since_log += 1
-            epoch = epoch_of_window + (in_epoch + window_size) / micro_per_epoch
+            if state.global_step % config.logging_steps == 0 or state.global_step == state.total_steps:
+                logs.append(_log(run, state, grad_norm, learning_rate))
+                progress.set_postfix(loss=f"{logs[-1]['loss']:.4f}")
+            if eval_examples and config.eval_steps and state.global_step % config.eval_steps == 0:
+                metrics = evaluate(run.method, run.model, eval_examples, config.per_device_eval_batch_size, accelerator)
+                logs.append({"step": state.global_step, "epoch": state.epoch, **metrics})
+                run.writer.write(logs[-1])
+                run.model.train()
 
-            if global_step % config.logging_steps == 0 or global_step == total_steps:
-                record = {
-                    "step": global_step,
-                    "epoch": epoch,
-                    "loss": loss_since_log / steps_since_log,
-                    "grad_norm": float(grad_norm),
-                    "learning_rate": learning_rate,
-                    **window.mean_and_reset(),  # per-micro-batch values, already global
-                    "num_tokens": tokens_seen,
-                }
-                writer.write(record)
-                logs.append(record)
-                loss_since_log, steps_since_log = 0.0, 0
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-
-            if eval_examples and config.eval_steps and global_step % config.eval_steps == 0:
-                record = {"step": global_step, "epoch": epoch, **evaluate(method, model, eval_examples, config,
-                                                                          accelerator)}
-                writer.write(record)
-                logs.append(record)
-                model.train()
-
-            state = {
-                "global_step": global_step, "epoch": epoch, "micro_batches_seen": micro_position,
-                "num_tokens": tokens_seen, "metric_window": window.state_dict(), "method": config.method,
-                "model_name_or_path": config.model_name_or_path, "total_steps": total_steps,
-                "loss_since_log": loss_since_log, "steps_since_log": steps_since_log,
-            }
-            stop_now = global_step < total_steps and stop.agreed(accelerator)
-            if (config.save_steps and global_step % config.save_steps == 0) or stop_now:
-                _check_finite_weights(accelerator, model, global_step, last_checkpoint)
-                last_checkpoint = save_checkpoint(output_dir, global_step, state, accelerator, model, optimizer,
-                                                  scheduler, config, tokenizer)
+            stop_now = state.global_step < state.total_steps and stop.agreed(accelerator)
+            if (config.save_steps and state.global_step % config.save_steps == 0) or stop_now:
+                check_finite_weights(accelerator, run.model, state.global_step, run.last_checkpoint)
+                run.last_checkpoint = ckpt.save_checkpoint(Path(config.output_dir), state, accelerator, run.model,
+                                                           run.optimizer, run.scheduler, config, run.tokenizer)
             if stop_now:
                 progress.close()
                 raise UserError(
-                    f"stopped at step {global_step} on request; checkpoint saved in {last_checkpoint}. "
-                    f"Resume with: python train.py ... --resume_from_checkpoint {last_checkpoint}"
+                    f"stopped at step {state.global_step} on request; checkpoint saved in {run.last_checkpoint}. "
+                    f"Resume with: python train.py ... --resume_from_checkpoint {run.last_checkpoint}"
                 )
     progress.close()
-
-    final_metrics: dict[str, Any] = {}
-    if eval_examples and config.eval_steps != 0 and (not config.eval_steps or global_step % config.eval_steps):
-        final_metrics = evaluate(method, model, eval_examples, config, accelerator)
-        record = {"step": global_step, "epoch": micro_position / micro_per_epoch, **final_metrics}
-        writer.write(record)
-        logs.append(record)
-    _check_finite_weights(accelerator, model, global_step, last_checkpoint)
-    save_final_model(config, accelerator, model, tokenizer, output_dir)
-    if hasattr(method, "finish"):
-        final_metrics.update(method.finish(accelerator.unwrap_model(model), output_dir) or {})
-    if accelerator.is_main_process:
-        print(f"[nanopost] done: {global_step} steps in {time.time() - started:.0f}s; model in {output_dir}",
-              flush=True)
-    accelerator.end_training()
-    return TrainResult(output_dir, global_step, logs, final_metrics)
+    return logs
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    """Fail before any long work if the output folder cannot be written."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir}: is a file; give a folder")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"  # one per process: launched processes run this at once
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error}); "
-                        "choose a writable folder") from error
+def _accumulate_gradients(run: _Run, state: TrainingState, batches: list[dict[str, Any]]) -> float:
+    """Forward and backward over the window's micro-batches; returns this process's summed step loss."""
+    accelerator, method, model = run.accelerator, run.method, run.model
+    num_items = None
+    if method.normalise_by_window_tokens:
+        local = torch.tensor(sum(method.count_targets(b) for b in batches), device=accelerator.device)
+        num_items = accelerator.gather(local).sum()  # targets on every process
+        num_items = num_items.clamp(min=1)
 
-
-def _clip(accelerator: Accelerator, model, max_grad_norm: float) -> torch.Tensor:
-    """Global gradient norm before clipping (what TRL logs as grad_norm); clips in place when max_grad_norm > 0."""
-    if max_grad_norm > 0:
-        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
-
-
-def _check_finite(value: torch.Tensor, step: int, what: str, last_checkpoint: Path | None) -> None:
-    if not torch.isfinite(torch.as_tensor(value)).all():
-        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved yet"
-        raise UserError(
-            f"non-finite {what} at step {step}: stopping before it corrupts the model ({where}); "
-            "try a lower --learning_rate, --max_grad_norm 1.0, or check the data"
-        )
-
-
-def _check_finite_weights(accelerator: Accelerator, model, step: int, last_checkpoint: Path | None) -> None:
-    """Refuse to write a checkpoint or final model holding non-finite weights.
-
-    Finite gradients can still give non-finite weights (e.g. --learning_rate 1e39 is finite in Python but inf in
-    fp32), and after the last step no further loss would reveal it; checked only when saving, so it costs nothing
-    per step. Every process gets the same answer (a sharded model holds different weights on each), so all stop.
-    """
-    bad = [name for name, param in model.named_parameters()
-           if param.requires_grad and not bool(torch.isfinite(param.detach()).all())]
-    any_bad = bool(bad)
-    if accelerator.num_processes > 1:
-        any_bad = bool(accelerator.gather(torch.tensor([int(any_bad)], device=accelerator.device)).max())
-    if any_bad:
-        where = bad[0] if bad else "on another process"
-        _check_finite(torch.tensor(float("nan")), step, f"weights ({where}) after the optimizer step", last_checkpoint)
-
-
-def call_through(model, accelerator: Accelerator, fn: Callable[[torch.nn.Module], Any]) -> Any:
-    """Run `fn(plain_model)` as the forward of the prepared (possibly wrapped) model, and return its result.
-
-    The methods call the plain model's decoder and LM head (engine/forward.py's lean head), not its forward.
-    But DDP all-reduces gradients, FSDP gathers sharded weights and DeepSpeed hooks in only when the prepared
-    model itself is called: calling the plain model directly would fail on a DDP wrapper, train each process on
-    its own gradients, or fail on sharded weights (FSDP). So the plain model's `forward` is `fn` for the length
-    of one call of the prepared model; with one process and no wrapper this is just `fn(model)`.
-    """
-    plain = accelerator.unwrap_model(model)
-    own = plain.__dict__.get("forward")  # accelerate's autocast wrapper, if any; restored below
-    plain.forward = lambda *args, **kwargs: fn(plain)
-    try:
-        return model()
-    finally:
-        if own is None:
-            del plain.forward
-        else:
-            plain.forward = own
-
-
-def _gathered_means(accelerator: Accelerator, means: dict[str, float]) -> dict[str, float]:
-    if accelerator.num_processes == 1 or not means:
-        return means
-    keys = sorted(means)
-    values = accelerator.gather(torch.tensor([means[k] for k in keys], device=accelerator.device).unsqueeze(0))
-    return dict(zip(keys, values.mean(0).tolist(), strict=True))
-
-
-@torch.no_grad()
-def evaluate(method, model, examples, config: TrainConfig, accelerator: Accelerator) -> dict[str, float]:
-    """Mean of per-batch metrics over the eval split, batches weighted by their size; keys prefixed eval_."""
-    model.eval()
-    totals: dict[str, float] = {}
-    count = 0
-    order = list(range(len(examples)))
-    for indices in micro_batches_of_epoch(order, config.per_device_eval_batch_size, accelerator.num_processes,
-                                          accelerator.process_index):
-        batch = method.collate([examples[i] for i in indices])
+    step_loss = 0.0
+    for index, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with accelerator.autocast():
-            metrics = call_through(model, accelerator,
-                                   lambda plain, batch=batch: method.evaluate_batch(plain, batch))
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value * len(indices)
-        count += len(indices)
-    means = {f"eval_{k}": v / max(count, 1) for k, v in totals.items()}
-    return _gathered_means(accelerator, means)
+        sync = index == len(batches) - 1
+        with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            loss, metrics = call_through(
+                model, accelerator, lambda plain, batch=batch, n=num_items: method.loss(plain, batch, n))
+            if num_items is not None:
+                loss = loss * accelerator.num_processes  # DDP averages gradients over processes; the window sum is global
+            else:
+                loss = loss / len(batches)  # mean of micro-batch means (TRL's DPO convention)
+        check_finite(loss, state.global_step + 1, "loss", run.last_checkpoint)
+        accelerator.backward(loss)
+        step_loss += float(loss.detach())  # SFT: world x this process's share; averaged over processes by the caller
+        state.num_tokens += metrics.pop("num_tokens")  # already summed over processes by the method
+        state.metric_window.add(metrics)
+    return step_loss
 
 
-def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any], accelerator: Accelerator, model, optimizer,
-                    scheduler, config: TrainConfig, tokenizer) -> Path:
-    from engine.setup import full_state_dict, save_model_files
-
-    final = output_dir / f"checkpoint-{step}"
-    state_dict = full_state_dict(accelerator, model)  # every process takes part when the model is sharded
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        def write(folder: Path) -> None:
-            save_model_files(config, accelerator.unwrap_model(model), tokenizer, folder, state_dict=state_dict)
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            torch.save(ckpt.rng_state(), folder / "rng_state.pth")
-            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-            (folder / ckpt.STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # written last: marks complete
-
-        ckpt.atomic_directory(final, write)
-        ckpt.prune_checkpoints(output_dir, config.save_total_limit)
-    accelerator.wait_for_everyone()
-    return final
+def _optimizer_step(run: _Run, state: TrainingState) -> tuple[torch.Tensor, float]:
+    """Clip, step the optimizer and the schedule; returns (gradient norm before clipping, learning rate used)."""
+    grad_norm = clip_gradients(run.accelerator, run.model, run.config.max_grad_norm)
+    check_finite(grad_norm, state.global_step + 1, "gradient norm", run.last_checkpoint)
+    if run.step_hook is not None:
+        run.step_hook(state.global_step + 1, run.accelerator.unwrap_model(run.model))
+    learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    return grad_norm, learning_rate
 
 
-def _load_training_state(folder: Path, accelerator, model, optimizer, scheduler, config: TrainConfig) -> None:
-    from engine.setup import load_model_files
-
-    load_model_files(config, accelerator.unwrap_model(model), folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-
-
-def _check_resume_compatible(folder: Path, config: TrainConfig) -> None:
-    state = ckpt.read_state(folder)
-    if state.get("method") != config.method:
-        raise UserError(
-            f"--resume_from_checkpoint {folder}: it is a {state.get('method')} checkpoint but this run is "
-            f"--method {config.method}; resume with the same method or start fresh"
-        )
-    if state.get("model_name_or_path") != config.model_name_or_path:
-        raise UserError(
-            f"--resume_from_checkpoint {folder}: it was trained from {state.get('model_name_or_path')} but this "
-            f"run names {config.model_name_or_path}; resume with the same --model_name_or_path"
-        )
+def _log(run: _Run, state: TrainingState, grad_norm: torch.Tensor, learning_rate: float) -> dict[str, Any]:
+    """The training record of this step (TRL's names), written to metrics.jsonl; resets the logging window."""
+    record = {
+        "step": state.global_step,
+        "epoch": state.epoch,
+        "loss": state.loss_since_log / state.steps_since_log,
+        "grad_norm": float(grad_norm),
+        "learning_rate": learning_rate,
+        **state.metric_window.mean_and_reset(),  # per-micro-batch values, already global
+        "num_tokens": state.num_tokens,
+    }
+    run.writer.write(record)
+    state.loss_since_log, state.steps_since_log = 0.0, 0
+    return record

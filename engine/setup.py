@@ -20,8 +20,18 @@ from engine.tracking import start_trackers
 LORA_CONFIG_FILE = "adapter_config.json"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("NANOPOST_CACHE", Path.home() / ".cache" / "nanopost"))
+def check_output_dir(output_dir: Path) -> None:
+    """Fail before any long work if the output folder cannot be written."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir}: is a file; give a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"  # one per process: launched processes run this at once
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--output_dir {output_dir}: cannot write there ({error.strerror or error}); "
+                        "choose a writable folder") from error
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -110,8 +120,6 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
     from data.defaults import DEFAULT_TOKENIZER_DIR
 
     name = config.model_name_or_path
-    if name is None and config.method == "dpo":
-        name = str(ensure_default_sft_model(accelerator))
     adapter_dir = lora_adapter_dir(name)
     if adapter_dir is not None:  # a LoRA adapter folder (ours or PEFT's): its base model, then the adapter
         if not config.use_peft:
@@ -212,34 +220,6 @@ def adapter_base_model(adapter_dir: Path) -> str:
     return str(base)
 
 
-def ensure_default_sft_model(accelerator: Accelerator) -> Path:
-    """The built-in DPO demo starts from an SFT model trained on the bundled chat data; train it once, cache it.
-
-    Equivalent to: python train.py --method sft --output_dir ~/.cache/nanopost/default-sft (the built-in model's
-    settings come from engine.config.BUILTIN_MODEL_DEFAULTS).
-    """
-    folder = default_cache_dir() / "default-sft"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    if accelerator.num_processes > 1:
-        # Training it inside this run would issue the nested run's collectives from one process only, and its
-        # end_training() would tear down the process group this run still needs.
-        raise UserError(
-            f"the built-in DPO demo starts from a cached SFT model ({folder}), which does not exist yet and is "
-            "trained on first use in ONE process: run `python train.py --method dpo` once without a launcher, or "
-            "pass --model_name_or_path <your SFT model>"
-        )
-    if accelerator.is_main_process:
-        print(f"[nanopost] no cached SFT model yet: training the built-in one into {folder} (one time)", flush=True)
-        from engine.config import parse_config
-        from engine.loop import train
-
-        train(parse_config(["--method", "sft", "--output_dir", str(folder)]))
-    accelerator.wait_for_everyone()
-    return folder
-
-
-
 def load_datasets(config: TrainConfig):
     from data.defaults import DEFAULT_DPO_DATASET, DEFAULT_SFT_DATASET
     from data.loading import load_dataset_splits
@@ -251,13 +231,13 @@ def load_datasets(config: TrainConfig):
 # ---------------------------------------------------------------------- writing models
 
 
-def save_model_files(config: TrainConfig, model, tokenizer, folder: Path,
+def save_model_files(use_peft: bool, model, tokenizer, folder: Path,
                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Model (or adapter) + tokenizer into `folder` — loadable with from_pretrained / PeftModel.from_pretrained.
 
     `state_dict`: the gathered weights of a sharded model (`full_state_dict`); None saves `model`'s own.
     """
-    if config.use_peft:
+    if use_peft:
         from lora import save_adapter
 
         # The base the adapter applies to: the model's own name_or_path (set by from_pretrained), which is the
@@ -268,9 +248,9 @@ def save_model_files(config: TrainConfig, model, tokenizer, folder: Path,
     tokenizer.save_pretrained(folder)
 
 
-def load_model_files(config: TrainConfig, model, folder: Path) -> None:
+def load_model_files(use_peft: bool, model, folder: Path) -> None:
     """Weights from a checkpoint folder into the live model (full model or adapter)."""
-    if config.use_peft:
+    if use_peft:
         from lora import load_adapter_weights
 
         load_adapter_weights(model, folder)
@@ -313,7 +293,7 @@ def save_final_model(config: TrainConfig, accelerator: Accelerator, model, token
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model_files(config, unwrapped, tokenizer, tmp, state_dict=state_dict)
+    save_model_files(config.use_peft, unwrapped, tokenizer, tmp, state_dict=state_dict)
     if config.use_peft and config.merge_adapter:
         from lora import merged_model
 

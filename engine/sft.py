@@ -14,10 +14,11 @@ from torch import Tensor
 
 from engine.config import TrainConfig
 from engine.forward import token_stats
+from engine.method import Method
 from losses.sft import nll_loss
 
 
-class SFTMethod:
+class SFTMethod(Method):
     name = "sft"
     normalise_by_window_tokens = True  # the loop divides by targets in the window, not by micro-batches
 

@@ -289,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         from engine.config import parse_config
+        from examples.dpo_demo import with_starting_model
 
-        config = parse_config(rest)
+        config = with_starting_model(parse_config(rest))  # DPO with no model: the demo's SFT model, as train.py
         view = inspect_batch(config, own.batch_index)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ Two datasets, small enough that a ~1M-parameter model learns something visible i
 - `preference/` (DPO, conversational `prompt`/`chosen`/`rejected` like ultrafeedback-binarized): the prompt
   is `[system "/no_think", user "What is a + b?"]`; `chosen` is the equation style with the correct sum;
   `rejected` is a wrong sum (off by 1, 2 or 10: near misses and dropped/doubled carries), in the equation
-  style or in the terse style (each training prompt has one pair of each). `data/demo_rule.py` judges
+  style or in the terse style (each training prompt has one pair of each). `examples/demo_rule.py` judges
   completions by the same rule.
 
 Calibration (plain PyTorch, fp32, the engine's tiny 4-layer 128-wide model, 0.9M parameters; greedy decoding

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
 
 from data.defaults import DEFAULT_DPO_DATASET, DEFAULT_SFT_DATASET, DEFAULT_TOKENIZER_DIR
-from data.demo_rule import PROBLEM_RE, expected_answer, score, win_rate
 from data.errors import DataError
+from examples.demo_rule import PROBLEM_RE, expected_answer, score, win_rate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NO_THINK_HEADER = "<|im_start|>assistant\n<think>\n\n</think>\n"

@@ -3,28 +3,34 @@
 Two numbers on the held-out split, each for the reference (the SFT model DPO started from) and the policy:
 - preference accuracy: share of pairs where the model gives the chosen completion a higher log-prob than the
   rejected one (the reference's own accuracy is the baseline; TRL's rewards/accuracies is 0 for it by definition);
-- rule-judged generations: greedy completions of held-out prompts scored by `data.demo_rule` (half a point for
+- rule-judged generations: greedy completions of held-out prompts scored by `examples.demo_rule` (half a point for
   the preferred `a + b = n.` format, half for the correct result); the share in the format, the share correct,
   and the win rate of the policy's completion against the reference's on the same prompt (ties count half;
   0.5 = no change).
+
+All of the computation is here, so that a general policy-vs-reference report can replace it in one place.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from examples import demo_rule
+
 
 @torch.no_grad()
 def preference_accuracy(method, model, examples, batch_size: int = 16) -> float:
+    """Share of pairs whose chosen completion `model` gives the higher summed log-prob (as DPO scores it)."""
     correct = 0
+    device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = method.collate(examples[start : start + batch_size])
-        batch = {k: v.to(method.accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         sums = method._sequence_logps(model, batch)[0]
         chosen, rejected = sums.chunk(2)
         correct += int((chosen > rejected).sum())
@@ -55,28 +61,24 @@ def greedy_completions(model, tokenizer, prompts_ids: list[list[int]], max_new_t
     return completions
 
 
-def demo_report(method, policy, output_dir: Path) -> dict[str, Any]:
-    from data import demo_rule
-    from lora import disable_adapters
+def demo_report(method, policy, reference, examples: list[dict], output_dir: Path, is_main_process: bool,
+                reference_context: AbstractContextManager | None = None) -> dict[str, Any]:
+    """Score `policy` and `reference` on the held-out `examples` (DPO-prepared, the first `demo_eval_samples`).
 
-    examples = method.eval_examples[: method.config.demo_eval_samples]
+    `method` is the run's DPOMethod (its collator and log-probs); `reference_context` is entered around every use
+    of `reference` (e.g. `disable_adapters(policy)` when the reference is the policy with its adapters off).
+    Writes demo_report.json and demo_samples.json into `output_dir` (main process) and returns the report.
+    """
+    examples = examples[: method.config.demo_eval_samples]
     policy.eval()
     use_cache = policy.config.use_cache
     policy.config.use_cache = True
-    reference = method.ref_model
-    adapters_off = nullcontext()
-    if reference is None and method.config.use_peft:
-        reference, adapters_off = policy, disable_adapters(policy)
-    elif reference is None:  # reference log-probs were precomputed and the copy freed: reload the start
-        from engine.model import load_model
-
-        reference = load_model(_starting_model_path(method)).to(method.accelerator.device).eval()
 
     prompts = [e["prompt_ids"] for e in examples]
     prompt_texts = [method.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
     after_accuracy = preference_accuracy(method, policy, examples)
     policy_completions = greedy_completions(policy, method.tokenizer, prompts)
-    with adapters_off:
+    with reference_context or nullcontext():
         before_accuracy = preference_accuracy(method, reference, examples)
         reference_completions = greedy_completions(reference, method.tokenizer, prompts)
     policy.config.use_cache = use_cache
@@ -96,7 +98,7 @@ def demo_report(method, policy, output_dir: Path) -> dict[str, Any]:
         "rule_score_policy": rate(demo_rule.score, policy_completions),
         "win_rate_policy_vs_reference": demo_rule.win_rate(policy_completions, reference_completions, prompt_texts),
     }
-    if method.accelerator.is_main_process:
+    if is_main_process:
         (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
         samples = [{"prompt": p, "reference": r, "policy": c}
                    for p, r, c in list(zip(prompt_texts, reference_completions, policy_completions, strict=True))[:8]]
@@ -112,9 +114,3 @@ def demo_report(method, policy, output_dir: Path) -> dict[str, Any]:
         )
     return report
 
-
-def _starting_model_path(method) -> str:
-    from engine.setup import default_cache_dir
-
-    config = method.config
-    return config.ref_model_name_or_path or config.model_name_or_path or str(default_cache_dir() / "default-sft")

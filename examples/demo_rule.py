@@ -9,7 +9,7 @@ end-of-turn token and dropping one leading `<think>...</think>` block, a complet
 So `a + b = c.` with the right c scores 1.0, a wrong equation 0.5, `The answer is c.` with the right c 0.5,
 and anything else 0.0.
 
-    from data.demo_rule import score, win_rate
+    from examples.demo_rule import score, win_rate
     score("What is 17 + 25?", "17 + 25 = 42.")          # 1.0
     score("What is 17 + 25?", "17 + 25 = 43.")          # 0.5 (format only)
     score("What is 17 + 25?", "The answer is 42.")      # 0.5 (correct only)

@@ -1,0 +1,54 @@
+"""How the weights are updated: AdamW over decay / no-decay groups as TRL sets it up, the schedule, clipping."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from accelerate import Accelerator
+
+from engine.config import TrainConfig
+
+# transformers' convention (what TRL uses): no weight decay on biases and normalisation weights.
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; fused where torch supports it (TRL's default `adamw_torch_fused`)."""
+    no_decay_modules = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = _NO_DECAY.search(name.lower()) or id(param) in no_decay_modules
+        (no_decay if skip else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    device = next(model.parameters()).device
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        fused=device.type in ("cpu", "cuda"),
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0,
+                    warmup_ratio: float = 0.0):
+    """transformers' schedule `kind` (linear, cosine, ...); warmup_steps wins over warmup_ratio (as TRL)."""
+    from transformers import get_scheduler
+
+    warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)
+    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def clip_gradients(accelerator: Accelerator, model, max_grad_norm: float) -> torch.Tensor:
+    """Global gradient norm before clipping (what TRL logs as grad_norm); clips in place when max_grad_norm > 0."""
+    if max_grad_norm > 0:
+        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
