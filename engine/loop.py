@@ -16,6 +16,7 @@ the methods themselves (engine/method.py, engine/sft.py, engine/dpo.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -85,6 +86,7 @@ class _Run:
 
 
 def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainResult:
+    """One run as `config` says: train, evaluate, checkpoint, write the final model into config.output_dir."""
     started = time.time()
     output_dir = Path(config.output_dir)
     setup.check_output_dir(output_dir)
@@ -115,10 +117,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     state = TrainingState(method=config.method, model_name_or_path=config.model_name_or_path,
                           total_steps=total_steps)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, config.use_peft)
-        state.method, state.model_name_or_path, state.total_steps = config.method, config.model_name_or_path, total_steps
-        if accelerator.is_main_process:
-            print(f"[nanopost] resumed from {resume_from} at step {state.global_step}", flush=True)
+        state = _resume(resume_from, state, accelerator, model, optimizer, scheduler, config.use_peft)
     writer = MetricsWriter(output_dir, accelerator, resume_step=state.global_step)
     if accelerator.is_main_process:
         (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
@@ -126,13 +125,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     run = _Run(config, accelerator, method, model, optimizer, scheduler, tokenizer, writer, step_hook, resume_from)
     logs = _run_steps(run, state, order, train_examples, eval_examples)
 
-    final_metrics: dict[str, Any] = {}
-    if eval_examples and config.eval_steps != 0 and (not config.eval_steps or state.global_step % config.eval_steps):
-        final_metrics = evaluate(method, model, eval_examples, config.per_device_eval_batch_size, accelerator)
-        record = {"step": state.global_step, "epoch": state.micro_batches_seen / order.micro_batches_per_epoch,
-                  **final_metrics}
-        writer.write(record)
-        logs.append(record)
+    final_metrics = _final_evaluation(run, state, order, eval_examples, logs)
     check_finite_weights(accelerator, model, state.global_step, run.last_checkpoint)
     setup.save_final_model(config, accelerator, model, tokenizer, output_dir)
     if accelerator.is_main_process:
@@ -140,6 +133,17 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
               flush=True)
     accelerator.end_training()
     return TrainResult(output_dir, state.global_step, logs, final_metrics, accelerator.unwrap_model(model), tokenizer)
+
+
+def _resume(folder: Path, fresh: TrainingState, accelerator: Accelerator, model, optimizer, scheduler,
+            use_peft: bool) -> TrainingState:
+    """Continue from checkpoint `folder`: its weights, optimizer, schedule, RNG and progress; this run's identity."""
+    saved = ckpt.load_checkpoint(folder, accelerator, model, optimizer, scheduler, use_peft)
+    state = dataclasses.replace(saved, method=fresh.method, model_name_or_path=fresh.model_name_or_path,
+                                total_steps=fresh.total_steps)
+    if accelerator.is_main_process:
+        print(f"[nanopost] resumed from {folder} at step {state.global_step}", flush=True)
+    return state
 
 
 def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator) -> tuple[list, list | None]:
@@ -202,6 +206,19 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
                 )
     progress.close()
     return logs
+
+
+def _final_evaluation(run: _Run, state: TrainingState, order: DataOrder, eval_examples: list | None,
+                      logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluate after the last step unless --eval_steps 0 or that step was just evaluated; log it."""
+    config = run.config
+    if not eval_examples or config.eval_steps == 0 or (config.eval_steps and state.global_step % config.eval_steps == 0):
+        return {}
+    metrics = evaluate(run.method, run.model, eval_examples, config.per_device_eval_batch_size, run.accelerator)
+    record = {"step": state.global_step, "epoch": state.micro_batches_seen / order.micro_batches_per_epoch, **metrics}
+    run.writer.write(record)
+    logs.append(record)
+    return metrics
 
 
 def _accumulate_gradients(run: _Run, state: TrainingState, batches: list[dict[str, Any]]) -> float:
