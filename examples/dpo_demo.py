@@ -57,8 +57,8 @@ def ensure_default_sft_model() -> Path:
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched processes (torchrun, accelerate launch)
-        # Training it in every process at once would race on one folder; in one of them, the others would wait
-        # on collectives that never come.
+        # Trained here, it would be a multi-process run whose end_training() tears down the process group that
+        # the DPO run, started next in the same processes, still needs.
         raise UserError(
             f"the built-in DPO demo starts from a cached SFT model ({folder}), which does not exist yet and is "
             "trained on first use in ONE process: run `python train.py --method dpo` once without a launcher, or "
