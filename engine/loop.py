@@ -41,8 +41,8 @@ from engine.errors import UserError
 from engine.evaluation import evaluate
 from engine.faults import StopRequest, check_finite, check_finite_weights
 from engine.method import Method, call_through
-from engine.update import build_optimizer, build_scheduler, clip_gradients
 from engine.tracking import MetricsWriter
+from engine.update import build_optimizer, build_scheduler, clip_gradients
 
 # Optional test/debug hooks: called with (step, model) right after gradient clipping, before optimizer.step().
 StepHook = Callable[[int, torch.nn.Module], None]
