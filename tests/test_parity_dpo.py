@@ -21,9 +21,9 @@ Set-up, chosen so that a mismatch anywhere shows up:
 Why lock-step, not a free run of ours. Step 1 starts from the same weights, and the clipped gradients agree to
 ~3e-7 of their max (TRL's fused LM head and ours sum in different orders). A free run carries that last-bit
 rounding into step 2's weights, and how much it moves step 2 depends on the CPU's rounding and on the loss's
-curvature, not on what is computed. Measured on an AMX / AVX-512-bf16 Xeon (eps 1e-3, the free-run setting this
-file used before): the weights after step 1 differ by up to 6e-8, the step-2 margin by 4e-7, and discopop's step-2 gradient
-of model.layers.0.input_layernorm.weight by 9.7e-9 = 1.8e-5 of its max|g| 5.3e-4 (over the 1e-5 bound; the same
+curvature, not on what is computed. Measured on an AMX / AVX-512-bf16 Xeon (eps 1e-3, the free-run setting
+this file used before): the weights after step 1 differ by up to 6e-8, the step-2 margin by 4e-7, and discopop's
+step-2 gradient of model.layers.0.input_layernorm.weight by 9.7e-9 = 1.8e-5 of its max|g| 5.3e-4 (over the 1e-5 bound; the same
 free run gives sigmoid 1.2e-6, exo_pair 8.5e-7). DiscoPOP is the sensitive one: its per-pair gradient coefficient
 L'(z) moves with the margin z at up to |L''| = 13 for |z| <= 0.5 (τ = 0.05), against sigmoid's 0.25, and this
 parameter's gradient is a small sum of cancelling per-pair terms. From the same weights (lock-step) the same case
