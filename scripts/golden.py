@@ -12,10 +12,10 @@ Every run: CPU, fp32 (`--bf16 False`), one thread, seed 42, 5 optimizer steps, e
   layers), saved to a temporary folder, so the weights are a function of the config and the seed only.
 - Tokenizer: the shipped one (data/assets/tokenizer). Data: the first `NUM_ROWS` rows of the bundled
   train.jsonl (data/bundled/chat for SFT, data/bundled/preference for DPO), written to a temporary file.
-- AdamW epsilon 1e-3 (as tests/test_parity_dpo.py, for the same reason): with TRL's 1e-8 the first Adam steps
-  are lr·g/(|g| + eps), a sign function whose slope at |g| ~ eps turns last-bit rounding of tiny gradient
-  entries into visible weight changes. Measured here: with 1e-8, rounding-level noise (below) moves the LoRA
-  run's grad_norm by 5e-6; with 1e-3 nothing moves by more than 1.04e-6.
+- AdamW epsilon 1e-3, as these runs are free (not lock-step like the TRL parity tests): with TRL's 1e-8 the
+  first Adam steps are lr·g/(|g| + eps), a sign function whose slope at |g| ~ eps turns last-bit rounding of
+  tiny gradient entries into visible weight changes. Measured here: with 1e-8, rounding-level noise (below)
+  moves the LoRA run's grad_norm by 5e-6; with 1e-3 nothing moves by more than 1.04e-6.
 - Learning rates (1e-3 full model, 1e-2 LoRA) are large on purpose: each step moves the weights enough that a
   change in one step's update shows in the next step's numbers.
 

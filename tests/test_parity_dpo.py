@@ -2,36 +2,52 @@
 clipped gradients of every optimizer step must agree.
 
 Each case trains twice from the SAME saved tiny model dir, tokenizer dir and jsonl file, on CPU in fp32:
-TRL through `tests/trl_harness.run_trl_dpo` (which records its logs, clipped grads and batches), and our engine
-through `engine.loop.train(parse_config([... "--method", "dpo", ...]), step_hook=...)`, whose hook sees the
-clipped gradients right before `optimizer.step()` (where the harness records TRL's).
+TRL through `tests/trl_harness.run_trl_dpo` (which records its logs, clipped grads, batches and the weights each
+step starts from), and our engine through `engine.loop.train(parse_config([... "--method", "dpo", ...]),
+step_hook=...)`, whose hook sees the clipped gradients right before `optimizer.step()` (where the harness records
+TRL's). Our run is lock-step with TRL's: the hook records our clipped gradients and the weights, then hands the
+optimizer TRL's gradients of that step, so every step starts from TRL's weights (as tests/test_parity_sft.py).
 
 Set-up, chosen so that a mismatch anywhere shows up:
 - 16 pairs of varied length (padding in every batch), shuffled by the seeded sampler (seed 42), 2 optimizer
   steps of 4 pairs (or 2 x 2 micro-batches with gradient accumulation);
-- learning rate 1e-2, large for DPO on purpose: step 2's loss, rewards and gradients depend on step 1's update
-  (checked: step 1 moves the weights by > 1% relative L2);
-- `max_grad_norm` 0.5 (0.1 for sigmoid_norm), below the gradient norm of at least one step of every case, so clipping is active
-  (checked per case) and the clip factor enters the gradients compared;
-- AdamW epsilon 1e-3 instead of 1e-8, on both sides. Why: at step 1 Adam's update is lr·g/(|g| + eps), a sign
-  function for |g| >> eps, whose slope at |g| ~ eps is lr/(4·eps) = 2.5e5 with eps = 1e-8. TRL's fused LM-head
-  backward and ours round differently (step-1 gradients agree to ~3e-7 of their max), and for the few weights
-  whose step-1 gradient is ~1e-8 that rounding is amplified into weight differences of ~1e-4, which then make
-  step-2 gradients differ by ~1e-5 relative: chaos, not a bug. With eps 1e-3 the map from gradients to update
-  is well conditioned (slope <= lr/eps = 10), so step 2 tests the engine, not the amplification.
+- learning rate 1e-2, large for DPO on purpose: step 2's loss, rewards and gradients are computed at weights
+  step 1's update moved by > 1% relative L2 (checked), with the second lr of the linear schedule;
+- `max_grad_norm` 0.5 (0.1 for sigmoid_norm), below the gradient norm of at least one step of every case, so
+  clipping is active (checked per case) and the clip factor enters the gradients compared;
+- AdamW as TRL's default (fused, eps 1e-8): our optimizer must turn TRL's clipped gradients into TRL's weights
+  BIT FOR BIT, before step 2 and in the saved final model (checked).
+
+Why lock-step, not a free run of ours. Step 1 starts from the same weights, and the clipped gradients agree to
+~3e-7 of their max (TRL's fused LM head and ours sum in different orders). A free run carries that last-bit
+rounding into step 2's weights, and how much it moves step 2 depends on the CPU's rounding and on the loss's
+curvature, not on what is computed. Measured on an AMX / AVX-512-bf16 Xeon (eps 1e-3, the free-run setting
+this file used before): the weights after step 1 differ by up to 6e-8, the step-2 margin by 4e-7, and discopop's
+step-2 gradient of model.layers.0.input_layernorm.weight by 9.7e-9 = 1.8e-5 of its max|g| 5.3e-4 (over the 1e-5 bound; the same
+free run gives sigmoid 1.2e-6, exo_pair 8.5e-7). DiscoPOP is the sensitive one: its per-pair gradient coefficient
+L'(z) moves with the margin z at up to |L''| = 13 for |z| <= 0.5 (τ = 0.05), against sigmoid's 0.25, and this
+parameter's gradient is a small sum of cancelling per-pair terms. From the same weights (lock-step) the same case
+agrees to 5.2e-7, and our discopop is bitwise TRL 1.16's formula (value and gradient, fp32 and fp64, 200 random
+batches): rounding amplified through the update, not a formula difference. With TRL's eps 1e-8 the free run is
+worse (AdamW's slope lr/(4·eps) at |g| ~ eps: step-2 weights differ by 3.6e-5), lock-step is unaffected (discopop
+5.0e-7). Lock-step keeps the proof: step-1 gradients equal TRL's within the bound, our optimizer maps TRL's
+gradients to TRL's weights exactly, and step-2 gradients, at TRL's step-2 weights, equal TRL's within the bound;
+so our step 2 equals TRL's up to the rounding of step 1's gradients. Observed: grads <= 1.0e-6 of max|g| in every
+case (use_weighting), logged values <= 2.2e-7 of their allowance.
 
 Comparison rule (fp32):
 - every key TRL logs is in our log; for each value `|ours - trl| <= RTOL * (|trl| + scale)` with RTOL = 1e-5,
   where scale = 0 except for `rewards/chosen|rejected|margins`, which are β·(logp − ref logp): a difference of
-  two summed log-probs of size ~100 whose fp32 rounding (1 ulp of 100 is 7.6e-6, and step 2's policy log-probs
-  differ from TRL's by that ulp, inherited from step 1's gradient rounding) is relative to the log-probs, not to
-  the small difference. For them scale = β · max(|logps/chosen|, |logps/rejected|) of that step.
+  two summed log-probs of size ~100 whose fp32 rounding (1 ulp of 100 is 7.6e-6; the two sides sum the
+  log-probs in different orders) is relative to the log-probs, not to the small difference. For them scale =
+  β · max(|logps/chosen|, |logps/rejected|) of that step.
   Likewise `logits/chosen|rejected` are means over the vocabulary of logits of both signs (they can be ~1e-5
   while the logits are ~0.1; TRL folds the vocabulary in chunks, we do not, so the sums round differently): for
   them scale = the mean |logit| over the step's completion positions, recomputed from TRL's recorded
   weights and batches.
 - per parameter, `max|g_ours - g_trl| <= RTOL * max|g_trl|` for the clipped gradients of every step, with the
   same parameter names on both sides.
+- the weights before every step and the saved final weights: bitwise equal to TRL's.
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 
 from engine.config import parse_config
 from engine.loop import train
@@ -55,7 +72,7 @@ BETA = 0.1
 MAX_GRAD_NORM = 0.5
 BASE_SETTINGS = dict(
     per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=MAX_STEPS, learning_rate=1e-2,
-    adam_epsilon=1e-3, beta=BETA, max_grad_norm=MAX_GRAD_NORM, seed=SEED,
+    adam_epsilon=1e-8, beta=BETA, max_grad_norm=MAX_GRAD_NORM, seed=SEED,
 )
 LOG_KEYS = {
     "loss", "grad_norm", "learning_rate", "epoch", "num_tokens", "entropy", "mean_token_accuracy",
@@ -131,8 +148,9 @@ def assets(tmp_path_factory) -> dict[str, Any]:
 
 
 def run_both(assets: dict[str, Any], name: str, data: str = "text", ref_model: bool = False,
-             **options: Any) -> tuple[Any, Any, list[dict[str, torch.Tensor]]]:
-    """Train TRL and our engine on the same files and settings; (trl_run, our TrainResult, our clipped grads).
+             **options: Any) -> tuple[Any, Any, dict[str, list[dict[str, torch.Tensor]]]]:
+    """Train TRL, then our engine lock-step with it, on the same files and settings: (trl_run, our TrainResult,
+    ours), ours = {"grads": our clipped grads per step, "states_before": our weights at the start of each step}.
 
     `options` override BASE_SETTINGS; the names are both DPOConfig fields and our flags. Runs are cached by name.
     """
@@ -155,14 +173,21 @@ def run_both(assets: dict[str, Any], name: str, data: str = "text", ref_model: b
         argv += ["--ref_model_name_or_path", str(ref_dir)]
     for key, value in settings.items():
         argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
-    grads: list[dict[str, torch.Tensor]] = []
+    ours: dict[str, list[dict[str, torch.Tensor]]] = {"grads": [], "states_before": []}
 
-    def hook(step: int, model: torch.nn.Module) -> None:
-        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    def lockstep_hook(step: int, model: torch.nn.Module) -> None:
+        # After clipping, before optimizer.step(): record our clipped grads and the weights this step started
+        # from, then hand the optimizer TRL's grads, so the next step starts from TRL's weights (module docstring).
+        ours["grads"].append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        ours["states_before"].append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param.grad is not None:
+                    param.grad.copy_(trl_run.grads[step - 1][param_name])
 
-    result = train(parse_config(argv), step_hook=hook)
-    assets["runs"][name] = (trl_run, result, grads)
-    return trl_run, result, grads
+    result = train(parse_config(argv), step_hook=lockstep_hook)
+    assets["runs"][name] = (trl_run, result, ours)
+    return trl_run, result, ours
 
 
 def _mean_abs_logit(assets: dict[str, Any], trl_run, step: int) -> float:
@@ -193,17 +218,25 @@ def _tolerance(key: str, trl_log: dict[str, float], logit_scale: float) -> float
     return RTOL * (abs(trl_log[key]) + scale)
 
 
-def assert_parity(assets, trl_run, result, grads) -> dict[str, float]:
-    """Every logged value and every clipped gradient of every step agree (module docstring's rule).
+def assert_parity(assets, trl_run, result, ours) -> dict[str, float]:
+    """Every logged value and every clipped gradient of every step agree (module docstring's rule), and every
+    step starts from TRL's weights bit for bit.
 
     Returns the worst error per key, as a fraction of the allowed RTOL-scale (|trl| + scale), for the report.
     """
     ours_logs = [record for record in result.logs if "loss" in record]
     assert len(trl_run.logs) == len(ours_logs) == MAX_STEPS
-    assert len(grads) == len(trl_run.grads) == MAX_STEPS
+    grads = ours["grads"]
+    assert len(grads) == len(trl_run.grads) == len(ours["states_before"]) == MAX_STEPS
     worst: dict[str, float] = {}
     for step, (trl_log, our_log) in enumerate(zip(trl_run.logs, ours_logs, strict=True), start=1):
         assert our_log["step"] == trl_log["step"] == step
+        # Step 1: same initial weights. Step 2: our optimizer applied TRL's step-1 grads (lock-step) and must have
+        # made TRL's update exactly (same fused AdamW, param groups, lr): bitwise equal weights.
+        our_state, trl_state = ours["states_before"][step - 1], trl_run.states_before[step - 1]
+        assert set(our_state) == set(trl_state)
+        differ = [key for key in trl_state if not torch.equal(our_state[key], trl_state[key])]
+        assert not differ, f"weights before step {step} differ from TRL's: {differ}"
         assert set(trl_log) - {"step"} == LOG_KEYS, f"TRL logged {sorted(trl_log)}"
         missing = LOG_KEYS - set(our_log)
         assert not missing, f"step {step}: our log lacks {sorted(missing)}"
@@ -223,10 +256,15 @@ def assert_parity(assets, trl_run, result, grads) -> dict[str, float]:
             assert error <= RTOL * scale, f"step {step}, grad of {name}: max|diff| {error:.3g} vs max|g| {scale:.3g}"
             if scale > 0:
                 worst["grads"] = max(worst.get("grads", 0.0), error / scale)
+    # ... and applied TRL's step-2 grads exactly too: the saved final model is TRL's, bit for bit.
+    final = load_file(str(result.output_dir / "model.safetensors"))
+    assert "model.embed_tokens.weight" in final and set(final) <= set(trl_run.final_state_dict)
+    differ = [key for key, value in final.items() if not torch.equal(value, trl_run.final_state_dict[key])]
+    assert not differ, f"final weights differ from TRL's: {differ}"
     norms = [log["grad_norm"] for log in trl_run.logs]
     assert any(norm > trl_run.args.max_grad_norm for norm in norms), f"clipping never active: grad norms {norms}"
-    # Step 2 depends on step 1's update: the weights step 2 starts from moved by > 1% (relative L2) from the
-    # initial ones, so matching step-2 gradients means our step-1 update matched TRL's too.
+    # Step 2 is computed at weights step 1's update moved by > 1% (relative L2) from the initial ones, so its
+    # comparison is not step 1's again.
     before, after = trl_run.states_before
     moved = torch.linalg.vector_norm(torch.cat([(after[k] - before[k]).flatten() for k in before]))
     size = torch.linalg.vector_norm(torch.cat([before[k].flatten() for k in before]))
