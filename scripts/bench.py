@@ -25,14 +25,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-from workload import DTYPES, JOBS, REPO, SHAPES, TOKENIZER_DIR, build_model_dir, flops_per_token, matmul_params, \
-    write_data  # noqa: E402
+from workload import (  # noqa: E402
+    DTYPES,
+    JOBS,
+    REPO,
+    SHAPES,
+    TOKENIZER_DIR,
+    build_model_dir,
+    flops_per_token,
+    gemm_peaks,
+    matmul_params,
+    write_data,
+)
 
 WORKER = Path(__file__).resolve().parent / "bench" / "worker.py"
 DEFAULT_OUT = Path(__file__).resolve().parent / "bench" / "results"
@@ -84,25 +93,6 @@ def machine() -> dict:
     return info
 
 
-def gemm_peak(dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
-    """Best FLOP/s of a square matmul (2 size^3 FLOPs), over repeated timed bursts: the machine's matmul peak."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    torch.matmul(a, b)
-    while time.perf_counter() < deadline:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(4):
-            torch.matmul(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
-    return best
-
-
 # ---------------------------------------------------------------------- runs
 
 
@@ -128,7 +118,10 @@ def summarise(raw: dict, steps: int, warmup: int, flops_tok: int, peak: float) -
             "step_times": step_times, "wall_s": raw["wall_s"]}
 
 
-def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path) -> list[dict]:
+def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gemm_size: int) -> list[dict]:
+    """Run every (shape, job, dtype) ours/TRL alternately. `peaks` is raised in place to the best GEMM rate any
+    run measures at its start, so MFU is against the best this machine showed during the whole benchmark (other
+    processes share the cores) and is computed once all runs are in."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -152,16 +145,23 @@ def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path) -> 
                                 "data_file": str(data["sft" if job == "sft" else "dpo"]),
                                 "batch_size": shape.batch_size, "max_length": shape.max_length,
                                 "work_dir": str(work / f"{tag}-{repeat}"), "result": str(work / f"{tag}-{repeat}.json"),
-                                "profile": str(args.out / "profiles" / f"{tag}.txt") if profile else None}
+                                "profile": str(args.out / "profiles" / f"{tag}.txt") if profile else None,
+                                "gemm_size": gemm_size}
                         raw = run_one(spec)
-                        runs[impl].append(summarise(raw, args.steps, args.warmup, flops_tok, peaks[dtype]))
-                        print(f"  {tag}: {runs[impl][-1]['s_per_step']:.3f} s/step", flush=True)
-                row = {"job": job, "shape": shape_name, "dtype": dtype, "n_matmul": n, "flops_per_token": flops_tok}
-                for impl, results in runs.items():
-                    row[impl] = {key: statistics.median(r[key] for r in results)
-                                 for key in ("s_per_step", "tokens_per_s", "peak_mib", "padding", "mfu")}
-                    row[impl]["runs"] = results
-                rows.append(row)
+                        runs[impl].append(raw)
+                        for key, rate in raw["gemm_peaks"].items():
+                            peaks[key] = max(peaks[key], rate)
+                        print(f"  {tag}: {summarise(raw, args.steps, args.warmup, 0, 1)['s_per_step']:.3f} s/step",
+                              flush=True)
+                rows.append({"job": job, "shape": shape_name, "dtype": dtype, "n_matmul": n,
+                             "flops_per_token": flops_tok, "raw": runs})
+    for row in rows:
+        for impl, raws in row.pop("raw").items():
+            results = [summarise(raw, args.steps, args.warmup, row["flops_per_token"], peaks[row["dtype"]])
+                       for raw in raws]
+            row[impl] = {key: statistics.median(r[key] for r in results)
+                         for key in ("s_per_step", "tokens_per_s", "peak_mib", "padding", "mfu")}
+            row[impl]["runs"] = results
     return rows
 
 
@@ -216,14 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
     size = 256 if args.quick else 1024
-    seconds = 0.3 if args.quick else 2.0
-    peaks = {"fp32": gemm_peak(torch.float32, size, seconds), "bf16": gemm_peak(torch.bfloat16, size, seconds)}
+    peaks = gemm_peaks(size, 0.3 if args.quick else 2.0)
     print(machine_line(info, peaks), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
         (args.out / "profiles").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="nanopost-bench-") as tmp:
-        rows = benchmark(args, peaks, Path(tmp))
+        rows = benchmark(args, peaks, Path(tmp), size)
     settings = (f"{args.steps} steps per run, median of the {args.steps - args.warmup} after {args.warmup} warm-up, "
                 f"{args.repeats} alternating ours/TRL pair(s) per job; peak memory: "
                 f"{'cuda max_memory_allocated' if torch.cuda.is_available() else 'peak RSS of the run'}")

@@ -22,8 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # this worktree's engine/, not an installed copy
 
 import torch  # noqa: E402
-
-from workload import LORA, TOKENIZER_DIR  # noqa: E402
+from workload import LORA, TOKENIZER_DIR, gemm_peaks  # noqa: E402
 
 COMMON = dict(learning_rate=1e-6, seed=42, gradient_checkpointing=False)
 
@@ -153,13 +152,14 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).pad_token_id
+    peaks = gemm_peaks(spec["gemm_size"], 0.5)  # this run's view of the machine, before training
     probe = Probe(spec, pad_id)
     started = time.perf_counter()
     logs = (run_ours if spec["impl"] == "ours" else run_trl)(spec, probe)
     result = {
         "stamps": probe.stamps, "num_tokens": [float(r["num_tokens"]) for r in logs],
         "input_tokens": probe.tokens, "pad_tokens": probe.pads, "peak_mib": peak_memory_mib(),
-        "wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - started, "gemm_peaks": peaks, "threads": torch.get_num_threads(),
         "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS",
     }
     Path(spec["result"]).write_text(json.dumps(result))

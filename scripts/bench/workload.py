@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,10 @@ def flops_per_token(job: str, n: int, n_lora: int) -> int:
         dpo-precompute   6N                    reference log-probs computed before training (start-up)
         lora-dpo         4N + 6N_lora + 2N     frozen base: forward + input grads only (no weight grads);
                                                adapters: full 6 N_lora; reference = adapters off, forward 2N
-    Tokens are counted once: a DPO pair's chosen and rejected rows are both trained tokens.
+    Tokens are the non-padding tokens of the batch (a DPO pair's chosen and rejected rows both count), and every
+    one is charged the full model, LM head included: the work the model defines, not the work an implementation
+    chooses to do. An engine that skips the head on prompt positions (which carry no target) therefore shows a
+    higher MFU for the same matmul speed; 1 / MFU is the step time over its matmul-FLOP bound.
     """
     return {"sft": 6 * n, "dpo": 8 * n, "dpo-precompute": 6 * n, "lora-dpo": 6 * n + 6 * n_lora}[job]
 
@@ -131,3 +135,27 @@ def write_data(shape: Shape, folder: Path, rows: int, seed: int = 42) -> dict[st
         path.write_text("".join(json.dumps(row) + "\n" for row in data))
         files[name] = path
     return files
+
+
+def gemm_peak(dtype: torch.dtype, size: int, seconds: float = 1.0) -> float:
+    """Best FLOP/s of a square matmul (2 size^3 FLOPs), over repeated timed bursts: the machine's matmul peak."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    torch.matmul(a, b)
+    while time.perf_counter() < deadline:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def gemm_peaks(size: int, seconds: float) -> dict[str, float]:
+    """The fp32 and bf16 matmul peaks (FLOP/s), the denominators of MFU."""
+    return {"fp32": gemm_peak(torch.float32, size, seconds), "bf16": gemm_peak(torch.bfloat16, size, seconds)}
