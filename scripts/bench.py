@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny shape, 3 steps, fp32")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default scripts/bench/results)")
     p.add_argument("--write-readme", action="store_true", help="rewrite README.md's results table from this run")
+    p.add_argument("--readme-from", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="run nothing: rewrite README.md's results table from saved results.json files (rows joined)")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.dtypes, args.steps, args.warmup = ["tiny"], ["fp32"], 3, 1
@@ -118,10 +120,10 @@ def summarise(raw: dict, steps: int, warmup: int, flops_tok: int, peak: float) -
             "step_times": step_times, "wall_s": raw["wall_s"]}
 
 
-def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gemm_size: int) -> list[dict]:
+def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gemm_size: int, save) -> list[dict]:
     """Run every (shape, job, dtype) ours/TRL alternately. `peaks` is raised in place to the best GEMM rate any
     run measures at its start, so MFU is against the best this machine showed during the whole benchmark (other
-    processes share the cores) and is computed once all runs are in."""
+    processes share the cores). `save(rows)` is called after every job, so an interrupted run keeps its results."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -155,14 +157,23 @@ def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gem
                               flush=True)
                 rows.append({"job": job, "shape": shape_name, "dtype": dtype, "n_matmul": n,
                              "flops_per_token": flops_tok, "raw": runs})
+                save(summarise_rows(rows, args, peaks))
+    return summarise_rows(rows, args, peaks)
+
+
+def summarise_rows(rows: list[dict], args: argparse.Namespace, peaks: dict[str, float]) -> list[dict]:
+    """Per job and engine: medians over the repeats of each run's summary (MFU against the best peak so far)."""
+    out = []
     for row in rows:
-        for impl, raws in row.pop("raw").items():
+        row = {k: v for k, v in row.items() if k != "raw"}
+        for impl, raws in rows[len(out)]["raw"].items():
             results = [summarise(raw, args.steps, args.warmup, row["flops_per_token"], peaks[row["dtype"]])
                        for raw in raws]
             row[impl] = {key: statistics.median(r[key] for r in results)
                          for key in ("s_per_step", "tokens_per_s", "peak_mib", "padding", "mfu")}
             row[impl]["runs"] = results
-    return rows
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------- report
@@ -211,8 +222,21 @@ def rewrite_readme(text: str, block: str) -> str:
     return f"{head}{start}\n{block}\n{end}{tail}"
 
 
+def report_text(results: list[dict]) -> str:
+    """The README block: machine, settings and command of each results file, then one table of all rows."""
+    head = []
+    for r in results:
+        head.append(f"{machine_line(r['machine'], r['peaks'])}\n{r['settings']}.\n\n`{r['command'].strip()}`\n")
+    return "\n".join(head) + "\n" + table([row for r in results for row in r["rows"]]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.readme_from:
+        results = [json.loads(path.read_text()) for path in args.readme_from]
+        README.write_text(rewrite_readme(README.read_text(), report_text(results)))
+        print(f"rewrote the results table in {README} from {len(results)} results file(s)")
+        return
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine()
     size = 256 if args.quick else 1024
@@ -221,16 +245,21 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
         (args.out / "profiles").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="nanopost-bench-") as tmp:
-        rows = benchmark(args, peaks, Path(tmp), size)
     settings = (f"{args.steps} steps per run, median of the {args.steps - args.warmup} after {args.warmup} warm-up, "
                 f"{args.repeats} alternating ours/TRL pair(s) per job; peak memory: "
                 f"{'cuda max_memory_allocated' if torch.cuda.is_available() else 'peak RSS of the run'}")
-    report = f"{machine_line(info, peaks)}\n{settings}.\n\n`{command.strip()}`\n\n{table(rows)}\n"
+
+    def save(rows: list[dict]) -> str:
+        results = {"machine": info, "peaks": peaks, "command": command, "settings": settings, "rows": rows}
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        report = report_text([results])
+        (args.out / "table.md").write_text(report)
+        return report
+
+    with tempfile.TemporaryDirectory(prefix="nanopost-bench-") as tmp:
+        rows = benchmark(args, peaks, Path(tmp), size, save)
+    report = save(rows)
     print("\n" + report, flush=True)
-    (args.out / "results.json").write_text(json.dumps({"machine": info, "peaks": peaks, "command": command,
-                                                       "rows": rows}, indent=1) + "\n")
-    (args.out / "table.md").write_text(report)
     if args.write_readme:
         README.write_text(rewrite_readme(README.read_text(), report))
         print(f"rewrote the results table in {README}")
