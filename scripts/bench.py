@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timings (default 2, at least 1)")
     p.add_argument("--repeats", type=int, default=1, help="ours/TRL pairs per job; medians over repeats")
     p.add_argument("--impls", nargs="+", choices=("ours", "trl"), default=["ours", "trl"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's, one per core). Both engines get the same; 1 keeps "
+                        "timings sane on a machine whose cores other processes also load")
     p.add_argument("--profile", action="store_true", help="profile one extra step per run (torch.profiler)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny shape, 3 steps, fp32")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default scripts/bench/results)")
@@ -102,7 +105,8 @@ def run_one(spec: dict) -> dict:
     spec_file = Path(spec["work_dir"]) / "spec.json"
     Path(spec["work_dir"]).mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    threads = {"OMP_NUM_THREADS": str(spec["threads"])} if spec["threads"] else {}
+    env = {**os.environ, **threads, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, str(WORKER), str(spec_file)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -148,7 +152,7 @@ def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gem
                                 "batch_size": shape.batch_size, "max_length": shape.max_length,
                                 "work_dir": str(work / f"{tag}-{repeat}"), "result": str(work / f"{tag}-{repeat}.json"),
                                 "profile": str(args.out / "profiles" / f"{tag}.txt") if profile else None,
-                                "gemm_size": gemm_size}
+                                "gemm_size": gemm_size, "threads": args.threads}
                         raw = run_one(spec)
                         runs[impl].append(raw)
                         for key, rate in raw["gemm_peaks"].items():
@@ -232,6 +236,8 @@ def report_text(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the driver's GEMM peak with the runs' thread count
     if args.readme_from:
         results = [json.loads(path.read_text()) for path in args.readme_from]
         README.write_text(rewrite_readme(README.read_text(), report_text(results)))

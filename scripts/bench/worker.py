@@ -149,6 +149,8 @@ def peak_memory_mib() -> float:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).pad_token_id
