@@ -154,7 +154,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).pad_token_id
-    peaks = gemm_peaks(spec["gemm_size"], 0.5)  # this run's view of the machine, before training
+    peaks = gemm_peaks(spec["gemm_size"], spec["gemm_seconds"])  # this run's view of the machine, before training
     probe = Probe(spec, pad_id)
     started = time.perf_counter()
     logs = (run_ours if spec["impl"] == "ours" else run_trl)(spec, probe)
