@@ -77,3 +77,16 @@ def test_rewrite_readme_replaces_only_the_marked_block():
     assert start in (REPO / "README.md").read_text() and end in (REPO / "README.md").read_text()
     with pytest.raises(SystemExit, match="markers"):
         bench.rewrite_readme("no markers", "table")
+
+
+def test_every_documented_bench_command_parses():
+    """The README's measurement commands run for minutes, so only --quick runs here; the others must at least be
+    valid invocations (a renamed flag would fail here, not in the reader's terminal)."""
+    import shlex
+
+    commands = [line.strip() for line in (REPO / "README.md").read_text().splitlines()
+                if line.strip().startswith("python scripts/bench.py")]
+    assert len(commands) >= 2
+    for command in commands:
+        args = bench.parse_args(shlex.split(command)[2:])
+        assert set(args.jobs) <= set(workload.JOBS) and args.steps > args.warmup >= 1
