@@ -134,7 +134,9 @@ def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gem
     rows = []
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
-        rows_needed = shape.batch_size * (args.steps + 1)
+        # A fixed number of rows (more only for long runs), so that runs with different --steps train on the
+        # same batches: the epoch order is a permutation of all rows.
+        rows_needed = shape.batch_size * max(32, args.steps + 1)
         model_dir = build_model_dir(shape, tokenizer, work)
         data = write_data(shape, work, rows_needed)
         n, n_lora = matmul_params(shape, tokenizer)
