@@ -231,10 +231,21 @@ def rewrite_readme(text: str, block: str) -> str:
 
 def report_text(results: list[dict]) -> str:
     """The README block: machine, settings and command of each results file, then one table of all rows."""
+    best = {dtype: max(r["peaks"][dtype] for r in results) for dtype in DTYPES}
+    rows = []
+    for r in results:  # MFU against the best peak any of the joined runs measured, not each run's own
+        for row in r["rows"]:
+            row = dict(row)
+            for impl in ("ours", "trl"):
+                if impl in row:
+                    row[impl] = {**row[impl], "mfu": row[impl]["mfu"] * r["peaks"][row["dtype"]] / best[row["dtype"]]}
+            rows.append(row)
     head = []
     for r in results:
         head.append(f"{machine_line(r['machine'], r['peaks'])}\n{r['settings']}.\n\n`{r['command'].strip()}`\n")
-    return "\n".join(head) + "\n" + table([row for r in results for row in r["rows"]]) + "\n"
+    peak_line = (f"MFU against the best matmul peak measured: fp32 {best['fp32'] / 1e9:.1f} GFLOP/s, "
+                 f"bf16 {best['bf16'] / 1e9:.1f} GFLOP/s.\n\n" if len(results) > 1 else "")
+    return "\n".join(head) + "\n" + peak_line + table(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
