@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 from engine.errors import UserError
 from engine.optim import OPTIM_ARGS, parse_optim_args
 
-if TYPE_CHECKING:
-    from engine.config import TrainConfig
+# `config` below is an engine.config.TrainConfig, typed `Any` because engine/config.py imports this module (no cycle).
 
 METHODS = ("sft", "dpo")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -37,7 +36,7 @@ def installed_trackers() -> list[str]:
     return [name for name, (module, _) in TRACKERS.items() if importlib.util.find_spec(module) is not None]
 
 
-def validate_config(config: TrainConfig) -> None:
+def validate_config(config: Any) -> None:
     def bad(name: str, why: str) -> UserError:
         shown = "<hidden>" if name == "hub_token" else repr(getattr(config, name))  # a secret stays off the screen
         return UserError(f"--{name} {shown}: {why}")
@@ -102,7 +101,7 @@ def validate_config(config: TrainConfig) -> None:
     _validate_hub_and_tracking(config, bad)
 
 
-def _validate_loop_flags(config: TrainConfig, bad) -> None:
+def _validate_loop_flags(config: Any, bad) -> None:
     """Schedules, optimizer, precision, TR-DPO, NEFTune, padding (the flags added for TRL parity, issue 10)."""
     for name in ("eval_strategy", "logging_strategy"):
         if getattr(config, name) not in INTERVALS:
@@ -160,7 +159,7 @@ def _validate_loop_flags(config: TrainConfig, bad) -> None:
         raise bad("use_dora" if config.use_dora else "lora_modules_to_save", "is a LoRA option; add --use_peft")
 
 
-def _validate_hub_and_tracking(config: TrainConfig, bad) -> None:
+def _validate_hub_and_tracking(config: Any, bad) -> None:
     """--push_to_hub and its companions, --report_to; the network itself is checked by engine.hub.preflight."""
     if config.hub_strategy not in HUB_STRATEGIES + ("checkpoint", "all_checkpoints"):
         raise bad("hub_strategy", "must be end or every_save (checkpoint, all_checkpoints: not supported)")
