@@ -25,7 +25,7 @@ def preference_accuracy(method, model, examples, batch_size: int = 16) -> float:
     for start in range(0, len(examples), batch_size):
         batch = method.collate(examples[start : start + batch_size])
         batch = {k: v.to(method.accelerator.device) for k, v in batch.items()}
-        sums = method._sequence_logps(model, batch)[0]
+        sums = method.sequence_logps(model, batch)
         chosen, rejected = sums.chunk(2)
         correct += int((chosen > rejected).sum())
     return correct / max(len(examples), 1)

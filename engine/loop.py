@@ -3,7 +3,7 @@
     config -> accelerator, tokenizer, model (+ LoRA) -> data -> optimizer, schedule -> (resume) ->
     for each optimizer step:
         take the next `gradient_accumulation_steps` micro-batches (the window)
-        for each micro-batch: loss = method.loss(model, batch, targets in window); backward
+        for each micro-batch: loss = method.loss(policy, batch, window); backward
         clip, optimizer step, schedule step
         log / evaluate / checkpoint
     -> final model (atomically) -> method.finish (e.g. the DPO demo report)
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, config_to_dict
 from engine.errors import UserError
+from engine.forward import LeanCausalLM, plain_model
 from engine.tracking import MetricsWriter, MetricWindow
 
 # Optional test/debug hooks: called with (step, model) right after gradient clipping, before optimizer.step().
@@ -202,24 +203,27 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     steps_per_epoch = max(math.ceil(micro_per_epoch / ga), 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
 
+    # What accelerate prepares: the model with the lean LM head as its forward (engine/forward.py); `model` stays
+    # the plain transformers model (LoRA, checkpoints, save_pretrained).
+    policy = LeanCausalLM(model)
     # Method-specific set-up that needs the model and data (e.g. DPO's reference log-probs).
-    model = method.setup(model, train_examples, accelerator) if hasattr(method, "setup") else model
+    policy = method.setup(policy, train_examples, accelerator) if hasattr(method, "setup") else policy
 
     # -------------------------------------------------------------- optimizer
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
 
     # -------------------------------------------------------------- resume
-    global_step, micro_position, window = 0, 0, MetricWindow()
+    global_step, micro_position, metric_window = 0, 0, MetricWindow()
     tokens_seen, loss_since_log, steps_since_log = 0.0, 0.0, 0
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
-        _load_training_state(resume_from, accelerator, model, optimizer, scheduler, config)
+        _load_training_state(resume_from, accelerator, policy, optimizer, scheduler, config)
         global_step, micro_position = state["global_step"], state["micro_batches_seen"]
         tokens_seen = state.get("num_tokens", 0.0)
         loss_since_log, steps_since_log = state.get("loss_since_log", 0.0), state.get("steps_since_log", 0)
-        window.load_state_dict(state.get("metric_window", {}))
+        metric_window.load_state_dict(state.get("metric_window", {}))
         ckpt.set_rng_state(torch.load(resume_from / "rng_state.pth", weights_only=False))
         if accelerator.is_main_process:
             print(f"[nanopost] resumed from {resume_from} at step {global_step}", flush=True)
@@ -242,7 +246,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
             epoch, offset = epoch + 1, 0
 
     stream = micro_batch_stream(micro_position)
-    model.train()
+    policy.train()
     logs: list[dict[str, Any]] = []
     last_checkpoint = resume_from
     progress = tqdm(total=total_steps, initial=global_step, desc=f"{config.method}", unit="step",
@@ -256,33 +260,24 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
             window_size = min(ga, micro_per_epoch - in_epoch)
             batches = [next(stream)[1] for _ in range(window_size)]
             micro_position += window_size
-            num_items = None
-            if method.normalise_by_window_tokens:
-                local = torch.tensor(sum(method.count_targets(b) for b in batches), device=accelerator.device)
-                num_items = accelerator.gather(local).sum()  # targets on every process
-                num_items = num_items.clamp(min=1)
+            window = method.window(batches)  # what each micro-batch's loss is normalised by
 
             step_loss = 0.0
             for index, batch in enumerate(batches):
                 batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 sync = index == len(batches) - 1
-                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss, metrics = call_through(
-                        model, accelerator, lambda plain, batch=batch, n=num_items: method.loss(plain, batch, n))
-                    if num_items is not None:
-                        loss = loss * world  # DDP averages gradients over processes; the window sum is global
-                    else:
-                        loss = loss / len(batches)  # mean of micro-batch means (TRL's DPO convention)
+                with (nullcontext() if sync else accelerator.no_sync(policy)), accelerator.autocast():
+                    loss, metrics = method.loss(policy, batch, window)
                 _check_finite(loss, global_step + 1, "loss", last_checkpoint)
                 accelerator.backward(loss)
                 step_loss += float(loss.detach())  # SFT: world x this process's share; averaged over processes below
                 tokens_seen += metrics.pop("num_tokens")  # already summed over processes by the method
-                window.add(metrics)
+                metric_window.add(metrics)
 
-            grad_norm = _clip(accelerator, model, config.max_grad_norm)
+            grad_norm = _clip(accelerator, policy, config.max_grad_norm)
             _check_finite(grad_norm, global_step + 1, "gradient norm", last_checkpoint)
             if step_hook is not None:
-                step_hook(global_step + 1, accelerator.unwrap_model(model))
+                step_hook(global_step + 1, model)
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
             optimizer.step()
             scheduler.step()
@@ -302,7 +297,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                     "loss": loss_since_log / steps_since_log,
                     "grad_norm": float(grad_norm),
                     "learning_rate": learning_rate,
-                    **window.mean_and_reset(),  # per-micro-batch values, already global
+                    **metric_window.mean_and_reset(),  # per-micro-batch values, already global
                     "num_tokens": tokens_seen,
                 }
                 writer.write(record)
@@ -311,22 +306,22 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
 
             if eval_examples and config.eval_steps and global_step % config.eval_steps == 0:
-                record = {"step": global_step, "epoch": epoch, **evaluate(method, model, eval_examples, config,
+                record = {"step": global_step, "epoch": epoch, **evaluate(method, policy, eval_examples, config,
                                                                           accelerator)}
                 writer.write(record)
                 logs.append(record)
-                model.train()
+                policy.train()
 
             state = {
                 "global_step": global_step, "epoch": epoch, "micro_batches_seen": micro_position,
-                "num_tokens": tokens_seen, "metric_window": window.state_dict(), "method": config.method,
+                "num_tokens": tokens_seen, "metric_window": metric_window.state_dict(), "method": config.method,
                 "model_name_or_path": config.model_name_or_path, "total_steps": total_steps,
                 "loss_since_log": loss_since_log, "steps_since_log": steps_since_log,
             }
             stop_now = global_step < total_steps and stop.agreed(accelerator)
             if (config.save_steps and global_step % config.save_steps == 0) or stop_now:
-                _check_finite_weights(accelerator, model, global_step, last_checkpoint)
-                last_checkpoint = save_checkpoint(output_dir, global_step, state, accelerator, model, optimizer,
+                _check_finite_weights(accelerator, policy, global_step, last_checkpoint)
+                last_checkpoint = save_checkpoint(output_dir, global_step, state, accelerator, policy, optimizer,
                                                   scheduler, config, tokenizer)
             if stop_now:
                 progress.close()
@@ -338,14 +333,14 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
 
     final_metrics: dict[str, Any] = {}
     if eval_examples and config.eval_steps != 0 and (not config.eval_steps or global_step % config.eval_steps):
-        final_metrics = evaluate(method, model, eval_examples, config, accelerator)
+        final_metrics = evaluate(method, policy, eval_examples, config, accelerator)
         record = {"step": global_step, "epoch": micro_position / micro_per_epoch, **final_metrics}
         writer.write(record)
         logs.append(record)
-    _check_finite_weights(accelerator, model, global_step, last_checkpoint)
-    save_final_model(config, accelerator, model, tokenizer, output_dir)
+    _check_finite_weights(accelerator, policy, global_step, last_checkpoint)
+    save_final_model(config, accelerator, policy, tokenizer, output_dir)
     if hasattr(method, "finish"):
-        final_metrics.update(method.finish(accelerator.unwrap_model(model), output_dir) or {})
+        final_metrics.update(method.finish(model, output_dir) or {})
     if accelerator.is_main_process:
         print(f"[nanopost] done: {global_step} steps in {time.time() - started:.0f}s; model in {output_dir}",
               flush=True)
@@ -401,27 +396,6 @@ def _check_finite_weights(accelerator: Accelerator, model, step: int, last_check
         _check_finite(torch.tensor(float("nan")), step, f"weights ({where}) after the optimizer step", last_checkpoint)
 
 
-def call_through(model, accelerator: Accelerator, fn: Callable[[torch.nn.Module], Any]) -> Any:
-    """Run `fn(plain_model)` as the forward of the prepared (possibly wrapped) model, and return its result.
-
-    The methods call the plain model's decoder and LM head (engine/forward.py's lean head), not its forward.
-    But DDP all-reduces gradients, FSDP gathers sharded weights and DeepSpeed hooks in only when the prepared
-    model itself is called: calling the plain model directly would fail on a DDP wrapper, train each process on
-    its own gradients, or fail on sharded weights (FSDP). So the plain model's `forward` is `fn` for the length
-    of one call of the prepared model; with one process and no wrapper this is just `fn(model)`.
-    """
-    plain = accelerator.unwrap_model(model)
-    own = plain.__dict__.get("forward")  # accelerate's autocast wrapper, if any; restored below
-    plain.forward = lambda *args, **kwargs: fn(plain)
-    try:
-        return model()
-    finally:
-        if own is None:
-            del plain.forward
-        else:
-            plain.forward = own
-
-
 def _gathered_means(accelerator: Accelerator, means: dict[str, float]) -> dict[str, float]:
     if accelerator.num_processes == 1 or not means:
         return means
@@ -442,8 +416,7 @@ def evaluate(method, model, examples, config: TrainConfig, accelerator: Accelera
         batch = method.collate([examples[i] for i in indices])
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
-            metrics = call_through(model, accelerator,
-                                   lambda plain, batch=batch: method.evaluate_batch(plain, batch))
+            metrics = method.evaluate_batch(model, batch)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * len(indices)
         count += len(indices)
@@ -460,7 +433,7 @@ def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any], accelera
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(folder: Path) -> None:
-            save_model_files(config, accelerator.unwrap_model(model), tokenizer, folder, state_dict=state_dict)
+            save_model_files(config, plain_model(accelerator, model), tokenizer, folder, state_dict=state_dict)
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(ckpt.rng_state(), folder / "rng_state.pth")
@@ -476,7 +449,7 @@ def save_checkpoint(output_dir: Path, step: int, state: dict[str, Any], accelera
 def _load_training_state(folder: Path, accelerator, model, optimizer, scheduler, config: TrainConfig) -> None:
     from engine.setup import load_model_files
 
-    load_model_files(config, accelerator.unwrap_model(model), folder)
+    load_model_files(config, plain_model(accelerator, model), folder)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False, map_location="cpu"))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
 
