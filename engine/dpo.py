@@ -86,14 +86,14 @@ class DPOMethod:
         return self.score(model, batch)[0]
 
     def score(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, TokenStats]:
-        """Per-row summed completion log-probs (2B,) and the per-token statistics (each (2B, T)) of one forward."""
+        """Per-row summed completion log-probs (2B,) and the per-token statistics (each (2B, T-1)) of one forward."""
         from losses import sequence_logps
 
         if isinstance(model, PreTrainedModel):
             model = LeanCausalLM(model)  # a plain transformers model (reports, scripts)
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # (2B, T)
         stats = model(batch["input_ids"], labels, attention_mask=batch["attention_mask"],
-                      log_sum_sq_probs=self.config.use_weighting)  # each (2B, T), zero off the completion
+                      log_sum_sq_probs=self.config.use_weighting)  # each (2B, T-1), zero off the completion
         return sequence_logps(stats.logps, stats.mask, self.config.ld_alpha), stats
 
     def window(self, batches: list[dict[str, Tensor]]) -> Window:
@@ -104,7 +104,7 @@ class DPOMethod:
              train: bool = True) -> tuple[Tensor, dict[str, float]]:
         from losses import PreferenceBatch, preference_loss, wpo_weights
 
-        sums, stats = self.score(policy, batch)  # (2B,), each (2B, T)
+        sums, stats = self.score(policy, batch)  # (2B,), each (2B, T-1)
         chosen_logps, rejected_logps = sums.chunk(2)  # (B,), (B,)
         ref_chosen = ref_rejected = None
         if self.reference is not None:
@@ -131,13 +131,13 @@ class DPOMethod:
         Token-level metrics are global sums divided by global counts; pair-level ones (rewards/*, logps/*) are
         the means computed by `preference_loss`, averaged over processes (equal per-process batch sizes).
         """
-        mask = stats.mask  # (2B, T)
+        mask = stats.mask  # (2B, T-1)
         chosen_mask, rejected_mask = mask.chunk(2)
-        chosen_logits, rejected_logits = stats.mean_logits.chunk(2)  # (B, T) each
-        chosen_top1 = stats.is_top1.chunk(2)[0]  # (B, T)
-        sums = torch.stack([  # token statistics summed over the completion tokens
-            stats.entropy[mask].sum(), mask.sum(), chosen_logits[chosen_mask].sum(), chosen_mask.sum(),
-            rejected_logits[rejected_mask].sum(), rejected_mask.sum(), chosen_top1.sum(), batch["attention_mask"].sum(),
+        chosen_logits, rejected_logits = stats.mean_logits.chunk(2)  # (B, T-1) each, zero off the completion
+        chosen_top1 = stats.is_top1.float().chunk(2)[0]  # (B, T-1)
+        sums = torch.stack([
+            stats.entropy[mask].sum(), mask.sum(), chosen_logits.sum(), chosen_mask.sum(), rejected_logits.sum(),
+            rejected_mask.sum(), chosen_top1.sum(), batch["attention_mask"].sum(),
         ]).detach().float()
         entropy, tokens, chosen_logit_sum, chosen_tokens, rejected_logit_sum, rejected_tokens, correct, seen = (
             self.accelerator.gather(sums.unsqueeze(0)).sum(0).tolist())

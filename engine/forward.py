@@ -1,7 +1,7 @@
 """The model the engine trains: a causal LM whose forward returns per-token statistics, not (B, T, V) logits.
 
     policy = LeanCausalLM(model)                     # model: any transformers causal LM (or one with LoRA)
-    stats = policy(input_ids, labels, attention_mask)  # TokenStats, each (B, T), aligned with next_token_labels
+    stats = policy(input_ids, labels, attention_mask)  # TokenStats, each (B, T-1): position t scores token t+1
 
 `LeanCausalLM` is a real `nn.Module`: it is what accelerate prepares (DDP all-reduces its gradients, FSDP
 gathers its weights, autocast wraps its forward), and every forward of the engine, policy or reference, goes
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from losses.logps import IGNORE_INDEX, TokenStats, next_token_labels, scatter_to_positions, target_token_stats
+from losses.logps import IGNORE_INDEX, TokenStats, scatter_to_positions, target_token_stats
 
 PREFIX = "causal_lm."  # what the wrapper adds to the plain model's state-dict keys
 
@@ -37,6 +37,10 @@ class LeanCausalLM(nn.Module):
     def config(self):
         return self.causal_lm.config
 
+    def tie_weights(self) -> None:
+        """Re-tie the LM head to the embeddings (accelerate's FSDP2 calls it after loading sharded weights)."""
+        self.causal_lm.tie_weights()
+
     def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, log_sum_sq_probs: bool = False) -> TokenStats:
         """Score `labels` (same shape as input_ids, -100 = not a target), shifting by one.
@@ -45,16 +49,17 @@ class LeanCausalLM(nn.Module):
 
         Shape:
             input_ids, labels, attention_mask, position_ids: (B, T)
-            each field of the result: (B, T), position t scoring the token at t + 1
+            each field of the result: (B, T-1), position t scoring the token at t + 1 (the logits of the last
+            position predict no given token and are never computed)
         """
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        hidden = self.causal_lm.get_decoder()(**kwargs).last_hidden_state  # (B, T, H)
-        targets = next_token_labels(labels)  # (B, T): the token each position predicts
-        mask = targets != IGNORE_INDEX  # (B, T)
+        hidden = self.causal_lm.get_decoder()(**kwargs).last_hidden_state[:, :-1]  # (B, T-1, H)
+        targets = labels[:, 1:]  # (B, T-1): the token each position predicts
+        mask = targets != IGNORE_INDEX  # (B, T-1)
         wanted = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if log_sum_sq_probs else ())
         values = target_token_stats(hidden[mask], targets[mask], self._project, wanted=wanted)  # each (N,)
         return TokenStats(mask, **{name: scatter_to_positions(value, mask) for name, value in values.items()})

@@ -64,7 +64,7 @@ class SFTMethod:
              train: bool = True) -> tuple[Tensor, dict[str, float]]:
         """Loss of one micro-batch (normalised by the window, see `sft_loss`) and its metrics."""
         stats = policy(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                       position_ids=batch.get("position_ids"))  # each (B, T)
+                       position_ids=batch.get("position_ids"))  # each (B, T-1)
         if window is None:  # evaluation: this batch's token mean
             loss = sft_loss(stats.logps, stats.mask)
         else:

@@ -36,7 +36,10 @@ ROWS_PER_CHUNK = 1024  # target positions scored at once: (1024, V) fp32 logits 
 
 @dataclass
 class TokenStats:
-    """Per-token statistics; each (B, T), aligned with `next_token_labels`, zero (False) off the targets.
+    """Per-token statistics, each (B, T) over the positions of the logits scored, zero (False) off the targets.
+
+    `token_stats(logits, labels)` returns them for every position of `logits` (labels aligned with
+    `next_token_labels`); the engine's model (engine/forward.py) for the T-1 positions that predict a given token.
 
     Attributes:
         mask: which positions carry a label (`labels != -100`), bool.

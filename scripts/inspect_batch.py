@@ -124,8 +124,8 @@ def _score_dpo(method, model, batch, indices: list[int], tokenizer) -> BatchView
     """Per-token log-probs, per-sequence sums, rewards and per-pair losses, with the engine's own DPO code."""
     from losses import PreferenceBatch, get_loss
 
-    sums, stats = method.score(model, batch)  # (2B,), each (2B, T): position t scores token t + 1
-    per_token = stats.logps  # (2B, T), zero off the completion
+    sums, stats = method.score(model, batch)  # (2B,), each (2B, T-1): position t scores token t + 1
+    per_token = stats.logps  # (2B, T-1), zero off the completion
     pairs_count = len(indices)
     ref_sums = None if method.reference is None else method.reference.logps(batch)  # (2B,)
     chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)
@@ -149,8 +149,8 @@ def _score_dpo(method, model, batch, indices: list[int], tokenizer) -> BatchView
             ids = batch["input_ids"][row].tolist()
             attention = batch["attention_mask"][row].tolist()
             completion = batch["completion_mask"][row].tolist()
-            trained = [False] + stats.mask[row, :-1].tolist()  # token t is predicted at position t - 1
-            logps = [None] + per_token[row, :-1].float().tolist()
+            trained = [False] + stats.mask[row].tolist()  # token t is predicted at position t - 1
+            logps = [None] + per_token[row].float().tolist()
             tokens = []
             for position, (token_id, text) in enumerate(zip(ids, _decode(tokenizer, ids), strict=True)):
                 role = "padding" if not attention[position] else "completion" if completion[position] else "prompt"
@@ -211,9 +211,8 @@ def _score_sft(model, batch, indices: list[int], tokenizer, structure) -> BatchV
     import torch
 
     stats = model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                  position_ids=batch.get("position_ids"))  # each (B, T), position t scoring token t + 1
-    per_token = stats.logps[:, :-1]  # (B, T-1): entry t scores token t + 1, zero off the targets
-    target_mask = stats.mask[:, :-1]  # (B, T-1)
+                  position_ids=batch.get("position_ids"))  # each (B, T-1), position t scoring token t + 1
+    per_token, target_mask = stats.logps, stats.mask  # (B, T-1), zero (False) off the targets
     attention = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
     sequences, notes = [], []
     if batch["input_ids"].shape[0] == 1 and "position_ids" in batch and len(indices) > 1:

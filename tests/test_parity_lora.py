@@ -381,10 +381,10 @@ def test_sft_lora_dropout_masks_match_trl(workdir, tokenizer, tokenizer_dir, smo
     our_rng: list[torch.Tensor] = []
     original_loss = SFTMethod.loss
 
-    def record_rng(self, model, batch, num_items_in_batch, train=True):
+    def record_rng(self, model, batch, window, train=True):
         if train:
             our_rng.append(torch.get_rng_state())
-        return original_loss(self, model, batch, num_items_in_batch, train)
+        return original_loss(self, model, batch, window, train)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SFTMethod, "loss", record_rng)  # observe only: the loop itself follows TRL's stream
