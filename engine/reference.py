@@ -53,6 +53,7 @@ class FrozenModel(Reference):
     """A frozen model scored like the policy: a separate model, or a copy of the starting policy."""
 
     def __init__(self, model: nn.Module, score: SequenceScorer, device: torch.device) -> None:
+        # eval(): no dropout, ever (nothing switches a reference back to training mode).
         self.model = model.requires_grad_(False).eval().to(device)
         if hasattr(self.model, "gradient_checkpointing_disable"):
             self.model.gradient_checkpointing_disable()
@@ -99,12 +100,10 @@ def build_reference(config, policy: LeanCausalLM, score: SequenceScorer, acceler
     """The run's reference, built before step 1 while `policy` still holds the starting weights."""
     if config.ref_model_name_or_path is not None:
         from engine.model import load_model
-        from engine.setup import disable_dropout
 
         model = load_model(config.ref_model_name_or_path, revision=config.model_revision,
                            trust_remote_code=config.trust_remote_code,
                            attn_implementation=config.attn_implementation, what="--ref_model_name_or_path")
-        disable_dropout(model)
         reference: Reference = FrozenModel(model, score, accelerator.device)
     elif config.use_peft:
         reference = AdaptersOff(policy, score)
