@@ -74,11 +74,15 @@ def demo_report(method, policy, output_dir: Path) -> dict[str, Any]:
 
     prompts = [e["prompt_ids"] for e in examples]
     prompt_texts = [method.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+    # The trained model generates under the run's autocast, as it did when accelerate wrapped its own forward.
+    policy_autocast = method.accelerator.autocast
     after_accuracy = preference_accuracy(method, policy, examples)
-    policy_completions = greedy_completions(policy, method.tokenizer, prompts)
+    with policy_autocast():
+        policy_completions = greedy_completions(policy, method.tokenizer, prompts)
     with adapters_off:
         before_accuracy = preference_accuracy(method, reference, examples)
-        reference_completions = greedy_completions(reference, method.tokenizer, prompts)
+        with policy_autocast() if reference is policy else nullcontext():
+            reference_completions = greedy_completions(reference, method.tokenizer, prompts)
     policy.config.use_cache = use_cache
 
     def rate(check, completions) -> float:
