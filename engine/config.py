@@ -234,6 +234,15 @@ class TrainConfig:
     def validate(self) -> None:
         validate_config(self)
 
+    def loss_options(self):
+        """The preference losses' hyper-parameters (`losses.LossOptions`) from the flags."""
+        from losses import LossOptions
+
+        return LossOptions(beta=self.beta, label_smoothing=self.label_smoothing,
+                           f_divergence_type=self.f_divergence_type,
+                           f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+                           discopop_tau=self.discopop_tau, simpo_gamma=self.simpo_gamma)
+
 
 # ---------------------------------------------------------------------- parsing
 

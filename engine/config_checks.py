@@ -99,6 +99,12 @@ def validate_config(config: Any) -> None:
         raise bad("demo_eval_samples", "must be >= 0")
     _validate_loop_flags(config, bad)
     _validate_hub_and_tracking(config, bad)
+    if config.method == "dpo" and config.loss_type is not None:
+        # The resolved config: the loss registry's own rules, checked once here (imports torch: losses are torch code).
+        from losses import validate_loss_config
+
+        validate_loss_config(config.loss_type, config.loss_weights, config.loss_options(),
+                             use_weighting=config.use_weighting, ld_alpha=config.ld_alpha)
 
 
 def _validate_loop_flags(config: Any, bad) -> None:

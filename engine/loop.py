@@ -3,7 +3,7 @@
     config -> accelerator, tokenizer, model (+ LoRA) -> method -> data -> optimizer, schedule -> (resume) ->
     for each optimizer step:
         take the next `gradient_accumulation_steps` micro-batches (the window)
-        for each micro-batch: loss = method.loss(model, batch, targets in window); backward
+        for each micro-batch: loss = method.loss(policy, batch, window); backward
         clip, optimizer step, schedule step
         log / evaluate / checkpoint
     -> final evaluation -> final model (atomically)
@@ -40,7 +40,8 @@ from engine.data_order import micro_batches_of_epoch as micro_batches_of_epoch
 from engine.errors import UserError
 from engine.evaluation import evaluate
 from engine.faults import StopRequest, check_finite, check_finite_weights
-from engine.method import Method, call_through
+from engine.forward import LeanCausalLM, plain_model
+from engine.method import Method
 from engine.tracking import MetricsWriter
 from engine.update import build_optimizer, build_scheduler, clip_gradients
 
@@ -107,32 +108,34 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
                       accelerator.num_processes, accelerator.process_index)
     steps_per_epoch = max(math.ceil(order.micro_batches_per_epoch / config.gradient_accumulation_steps), 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
-    model = method.setup(model, train_examples, accelerator)  # e.g. DPO's reference, before the weights move
+    # What accelerate prepares: the decoder with the lean LM head as its forward (engine/forward.py); `model` stays
+    # the plain transformers model (LoRA, checkpoints, save_pretrained).
+    policy = method.setup(LeanCausalLM(model), train_examples, accelerator)  # e.g. DPO's reference, before step 1
 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config.lr_scheduler_type, total_steps, config.warmup_steps,
                                 config.warmup_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
 
     state = TrainingState(method=config.method, model_name_or_path=config.model_name_or_path,
                           total_steps=total_steps)
     if resume_from is not None:
-        state = _resume(resume_from, state, accelerator, model, optimizer, scheduler, config.use_peft)
+        state = _resume(resume_from, state, accelerator, policy, optimizer, scheduler, config.use_peft)
     writer = MetricsWriter(output_dir, accelerator, resume_step=state.global_step)
     if accelerator.is_main_process:
         (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
-    run = _Run(config, accelerator, method, model, optimizer, scheduler, tokenizer, writer, step_hook, resume_from)
+    run = _Run(config, accelerator, method, policy, optimizer, scheduler, tokenizer, writer, step_hook, resume_from)
     logs = _run_steps(run, state, order, train_examples, eval_examples)
 
     final_metrics = _final_evaluation(run, state, order, eval_examples, logs)
-    check_finite_weights(accelerator, model, state.global_step, run.last_checkpoint)
-    setup.save_final_model(config, accelerator, model, tokenizer, output_dir)
+    check_finite_weights(accelerator, policy, state.global_step, run.last_checkpoint)
+    setup.save_final_model(config, accelerator, policy, tokenizer, output_dir)
     if accelerator.is_main_process:
         print(f"[nanopost] done: {state.global_step} steps in {time.time() - started:.0f}s; model in {output_dir}",
               flush=True)
     accelerator.end_training()
-    return TrainResult(output_dir, state.global_step, logs, final_metrics, accelerator.unwrap_model(model), tokenizer)
+    return TrainResult(output_dir, state.global_step, logs, final_metrics, model, tokenizer)
 
 
 def _resume(folder: Path, fresh: TrainingState, accelerator: Accelerator, model, optimizer, scheduler,
@@ -224,23 +227,14 @@ def _final_evaluation(run: _Run, state: TrainingState, order: DataOrder, eval_ex
 def _accumulate_gradients(run: _Run, state: TrainingState, batches: list[dict[str, Any]]) -> float:
     """Forward and backward over the window's micro-batches; returns this process's summed step loss."""
     accelerator, method, model = run.accelerator, run.method, run.model
-    num_items = None
-    if method.normalise_by_window_tokens:
-        local = torch.tensor(sum(method.count_targets(b) for b in batches), device=accelerator.device)
-        num_items = accelerator.gather(local).sum()  # targets on every process
-        num_items = num_items.clamp(min=1)
+    window = method.window(batches)  # what each micro-batch's loss is normalised by
 
     step_loss = 0.0
     for index, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         sync = index == len(batches) - 1
         with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-            loss, metrics = call_through(
-                model, accelerator, lambda plain, batch=batch, n=num_items: method.loss(plain, batch, n))
-            if num_items is not None:
-                loss = loss * accelerator.num_processes  # DDP averages gradients over processes; the window sum is global
-            else:
-                loss = loss / len(batches)  # mean of micro-batch means (TRL's DPO convention)
+            loss, metrics = method.loss(model, batch, window)
         check_finite(loss, state.global_step + 1, "loss", run.last_checkpoint)
         accelerator.backward(loss)
         step_loss += float(loss.detach())  # SFT: world x this process's share; averaged over processes by the caller
@@ -254,7 +248,7 @@ def _optimizer_step(run: _Run, state: TrainingState) -> tuple[torch.Tensor, floa
     grad_norm = clip_gradients(run.accelerator, run.model, run.config.max_grad_norm)
     check_finite(grad_norm, state.global_step + 1, "gradient norm", run.last_checkpoint)
     if run.step_hook is not None:
-        run.step_hook(state.global_step + 1, run.accelerator.unwrap_model(run.model))
+        run.step_hook(state.global_step + 1, plain_model(run.accelerator, run.model))
     learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step uses (what TRL logs)
     run.optimizer.step()
     run.scheduler.step()

@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType
 
 from engine.config import TrainConfig
 from engine.errors import UserError
+from engine.forward import plain_model, plain_state_dict
 from engine.model import build_tiny_smollm3, load_model, load_tokenizer
 from engine.tracking import start_trackers
 
@@ -112,7 +113,7 @@ def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor] 
     for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
         if first_name.setdefault(id(param), name) != name:
             state_dict.pop(name, None)
-    return state_dict
+    return plain_state_dict(state_dict)  # the plain model's key names, as save_pretrained writes them
 
 
 def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
@@ -288,7 +289,7 @@ def save_final_model(config: TrainConfig, accelerator: Accelerator, model, token
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = plain_model(accelerator, model)
     tmp = output_dir / ".tmp-final-model"
     if tmp.exists():
         shutil.rmtree(tmp)

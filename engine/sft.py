@@ -2,7 +2,7 @@
 
 The loss of one optimizer step is Σ token NLL over the whole accumulation window / N, with N the number of target
 tokens in the window on all processes (TRL 1.16, torchtune) — not a mean of per-micro-batch means, which would
-over-weight short micro-batches. `SFTMethod.loss` receives that N from the loop.
+over-weight short micro-batches. `window` counts N once per step; `losses.sft.sft_loss` forms the loss.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import torch
 from torch import Tensor
 
 from engine.config import TrainConfig
-from engine.forward import token_stats
 from engine.method import Method
-from losses.sft import nll_loss
+from engine.window import Window
+from losses.sft import sft_loss
 
 
 class SFTMethod(Method):
     name = "sft"
-    normalise_by_window_tokens = True  # the loop divides by targets in the window, not by micro-batches
 
     def __init__(self, config: TrainConfig, tokenizer, accelerator) -> None:
         self.config = config
@@ -55,27 +54,26 @@ class SFTMethod(Method):
 
         return collate_sft(examples, pad_token_id=resolve_pad_token_id(self.tokenizer), padding_free=self.padding_free)
 
-    @staticmethod
-    def count_targets(batch: dict[str, Tensor]) -> int:
-        """Tokens that carry loss (the label of position t is predicted at t - 1)."""
-        return int((batch["labels"][:, 1:] != -100).sum())
+    def window(self, batches: list[dict[str, Tensor]]) -> Window:
+        """The window's target tokens on every process (the label of position t is predicted at t - 1)."""
+        local = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+        num_targets = self.accelerator.gather(torch.tensor(local, device=self.accelerator.device)).sum()
+        return Window(len(batches), num_targets.clamp(min=1), self.accelerator.num_processes)
 
     # ------------------------------------------------------------------ loss
-    def loss(self, model, batch: dict[str, Tensor], num_items_in_batch: Tensor | int | None,
+    def loss(self, policy, batch: dict[str, Tensor], window: Window | None,
              train: bool = True) -> tuple[Tensor, dict[str, float]]:
-        """Loss of one micro-batch (already divided by the window's target count) and its metrics."""
-        stats = token_stats(
-            model,
-            batch["input_ids"],
-            batch["labels"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-        )
-        loss = nll_loss(stats.logps, num_items_in_batch)
+        """Loss of one micro-batch (normalised by the window, see `sft_loss`) and its metrics."""
+        stats = policy(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                       position_ids=batch.get("position_ids"))  # each (B, T-1)
+        if window is None:  # evaluation: this batch's token mean
+            loss = sft_loss(stats.logps, stats.mask)
+        else:
+            loss = sft_loss(stats.logps, stats.mask, window.num_targets, window.num_processes)
         # Metrics over the targets of every process (TRL gathers the sums, then divides).
         tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].new_tensor(
             batch["input_ids"].numel())  # padding-free: every position is a real token
-        sums = torch.stack([stats.entropy.sum(), stats.is_top1.sum(), stats.logps.new_tensor(stats.logps.numel()),
+        sums = torch.stack([stats.entropy[stats.mask].sum(), stats.is_top1.sum(), stats.mask.sum(),
                             tokens.to(stats.logps.dtype)]).detach().float()
         entropy_sum, correct, targets, tokens = self.accelerator.gather(sums.unsqueeze(0)).sum(0).tolist()
         metrics = {

@@ -31,7 +31,7 @@ def preference_accuracy(method, model, examples, batch_size: int = 16) -> float:
     for start in range(0, len(examples), batch_size):
         batch = method.collate(examples[start : start + batch_size])
         batch = {k: v.to(device) for k, v in batch.items()}
-        sums = method._sequence_logps(model, batch)[0]
+        sums = method.sequence_logps(model, batch)
         chosen, rejected = sums.chunk(2)
         correct += int((chosen > rejected).sum())
     return correct / max(len(examples), 1)
@@ -76,11 +76,15 @@ def demo_report(method, policy, reference, examples: list[dict], output_dir: Pat
 
     prompts = [e["prompt_ids"] for e in examples]
     prompt_texts = [method.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+    # The trained model generates under the run's autocast, as it did when accelerate wrapped its own forward.
+    policy_autocast = method.accelerator.autocast
     after_accuracy = preference_accuracy(method, policy, examples)
-    policy_completions = greedy_completions(policy, method.tokenizer, prompts)
+    with policy_autocast():
+        policy_completions = greedy_completions(policy, method.tokenizer, prompts)
     with reference_context or nullcontext():
         before_accuracy = preference_accuracy(method, reference, examples)
-        reference_completions = greedy_completions(reference, method.tokenizer, prompts)
+        with policy_autocast() if reference is policy else nullcontext():
+            reference_completions = greedy_completions(reference, method.tokenizer, prompts)
     policy.config.use_cache = use_cache
 
     def rate(check, completions) -> float:

@@ -16,64 +16,18 @@ TRL 1.16 facts these functions reproduce (`trl/trainer/dpo_trainer.py`, `_comput
   not), so it is exactly −log σ(βΔc) − log σ(−βΔr), with nothing carried between steps.
 - ipo and sigmoid_norm divide by the completion token count (clamped at 1); the original IPO (summed
   log-ratios) is `ipo_unnormalized`.
-"""
 
-import math
+Losses on the f-divergence scores s_c, s_r are in `losses/dpo.py`, those on the raw log-ratios in `losses/ratio_losses.py`,
+the reference-free ones in `losses/reference_free.py`, the shared terms in `losses/terms.py`.
+"""
 
 import torch
 import torch.nn.functional as F
 
 from losses.registry import LossOptions, PreferenceBatch, register_loss
+from losses.terms import averaged_margin, chosen_nll, f_divergence_scores, log_ratios, smoothed_logistic
 
-
-def log_ratios(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy/reference log-ratios Δc = c − c_ref, Δr = r − r_ref.
-
-    Shape:
-        output: (B,), (B,)
-    """
-    return batch.chosen_logps - batch.ref_chosen_logps, batch.rejected_logps - batch.ref_rejected_logps
-
-
-def f_divergence_scores(batch: PreferenceBatch, opts: LossOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores s = f'(π/π_ref) of the f-DPO generalisation (Wang et al. 2023, arXiv:2309.16240), as TRL 1.16.
-
-        reverse_kl:        s = Δ                         (standard DPO)
-        forward_kl:        s = 1 − e^(−Δ)
-        js_divergence:     s = log 2 + log σ(Δ)
-        alpha_divergence:  s = (e^((α−1)Δ) − 1) / (α − 1),  exponent clamped at 80 in fp32 (11 in fp16)
-                           like TRL; α = 1 falls back to reverse_kl
-
-    Shape:
-        output: (B,), (B,)
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    kind = opts.f_divergence_type
-    if kind == "reverse_kl":
-        return chosen_ratio, rejected_ratio
-    if kind == "forward_kl":
-        return 1 - torch.exp(-chosen_ratio), 1 - torch.exp(-rejected_ratio)
-    if kind == "js_divergence":
-        return math.log(2) + F.logsigmoid(chosen_ratio), math.log(2) + F.logsigmoid(rejected_ratio)
-    if kind == "alpha_divergence":
-        alpha = opts.f_alpha_divergence_coef
-        if abs(alpha - 1.0) < 1e-6:  # f'(t) -> log t
-            return chosen_ratio, rejected_ratio
-        dtype = chosen_ratio.dtype
-        # TRL computes exp in fp32 (fp64 stays fp64 here) and caps the exponent so it stays finite in `dtype`.
-        clamp_max = 11.0 if dtype == torch.float16 else 80.0
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
-
-        def score(ratio: torch.Tensor) -> torch.Tensor:
-            exponent = torch.clamp(((alpha - 1.0) * ratio).to(compute), max=clamp_max)
-            return (torch.exp(exponent) - 1.0).to(dtype) * (1.0 / (alpha - 1.0))
-
-        return score(chosen_ratio), score(rejected_ratio)
-    raise ValueError(f"unknown f_divergence_type {kind!r}")
-
-
-def _average(scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return scores / lengths.clamp(min=1)
+__all__ = ["chosen_nll", "f_divergence_scores", "log_ratios"]  # re-exported: where readers look for them
 
 
 @register_loss(
@@ -100,6 +54,7 @@ def sigmoid(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
     return -F.logsigmoid(opts.beta * (chosen_scores - rejected_scores))
 
 
+
 @register_loss(
     "cdpo",
     trl_reference="CPOTrainer.cpo_loss",
@@ -124,9 +79,8 @@ def cdpo(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
         CPOConfig(loss_type="sigmoid", label_smoothing=ε) applied to the log-ratios.
     """
     chosen_scores, rejected_scores = f_divergence_scores(batch, opts)  # (B,), (B,)
-    logits = opts.beta * (chosen_scores - rejected_scores)  # (B,)
-    eps = opts.label_smoothing
-    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    return smoothed_logistic(chosen_scores - rejected_scores, opts)
+
 
 
 @register_loss(
@@ -154,6 +108,7 @@ def hinge(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
     return torch.relu(1 - opts.beta * (chosen_scores - rejected_scores))
 
 
+
 @register_loss(
     "ipo",
     trl_reference="DPOTrainer._compute_loss",
@@ -176,8 +131,9 @@ def ipo(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
         DPOConfig(loss_type="ipo").
     """
     chosen_scores, rejected_scores = f_divergence_scores(batch, opts)  # (B,), (B,)
-    delta = _average(chosen_scores, batch.chosen_lengths) - _average(rejected_scores, batch.rejected_lengths)
+    delta = averaged_margin(chosen_scores, rejected_scores, batch)  # (B,)
     return (delta - 1 / (2 * opts.beta)) ** 2
+
 
 
 @register_loss(
@@ -206,6 +162,7 @@ def ipo_unnormalized(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
     return (chosen_scores - rejected_scores - 1 / (2 * opts.beta)) ** 2
 
 
+
 @register_loss(
     "robust",
     trl_reference="DPOTrainer._compute_loss",
@@ -232,6 +189,7 @@ def robust(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
     logits = opts.beta * (chosen_scores - rejected_scores)  # (B,)
     eps = opts.label_smoothing
     return (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+
 
 
 @register_loss(
@@ -265,192 +223,6 @@ def exo_pair(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
     return win + lose
 
 
-@register_loss(
-    "nca_pair",
-    trl_reference="DPOTrainer._compute_loss",
-)
-def nca_pair(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """NCA (pairwise): absolute per-response rewards, so the chosen likelihood cannot fall with the rejected.
-
-    Formula:
-        L = −log σ(βΔc) − ½·log σ(−βΔc) − ½·log σ(−βΔr)
-
-    Shape:
-        batch fields: (B,) -> output: (B,)
-
-    Paper:
-        Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards",
-        arXiv:2402.05369 (pairwise NCA, K = 2).
-
-    TRL:
-        DPOConfig(loss_type="nca_pair").
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    chosen_rewards, rejected_rewards = opts.beta * chosen_ratio, opts.beta * rejected_ratio
-    return (
-        -F.logsigmoid(chosen_rewards)
-        - 0.5 * F.logsigmoid(-chosen_rewards)
-        - 0.5 * F.logsigmoid(-rejected_rewards)
-    )
-
-
-@register_loss(
-    "bco_pair",
-    trl_reference="DPOTrainer._compute_loss",
-)
-def bco_pair(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """BCO (pairwise): binary classification of chosen vs rejected rewards, with no reward shift.
-
-    Formula:
-        L = −log σ(βΔc) − log σ(−βΔr)
-
-    Shape:
-        batch fields: (B,) -> output: (B,)
-
-    Paper:
-        Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
-        arXiv:2404.04656, with the reward shift δ = 0.
-
-    TRL:
-        DPOConfig(loss_type="bco_pair"); 1.16 has no running mean δ (older TRL subtracted one).
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    return -F.logsigmoid(opts.beta * chosen_ratio) - F.logsigmoid(-opts.beta * rejected_ratio)
-
-
-@register_loss(
-    "sppo_hard",
-    trl_reference="DPOTrainer._compute_loss",
-)
-def sppo_hard(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """SPPO with hard win probabilities (P = 1 for the winner, 0 for the loser).
-
-    Formula:
-        L = (Δc − 1/(2β))² + (Δr + 1/(2β))²
-
-    Shape:
-        batch fields: (B,) -> output: (B,)
-
-    Paper:
-        Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment",
-        arXiv:2405.00675, eq. 4.7 with P ∈ {0, 1}.
-
-    TRL:
-        DPOConfig(loss_type="sppo_hard").
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    return (chosen_ratio - 0.5 / opts.beta) ** 2 + (rejected_ratio + 0.5 / opts.beta) ** 2
-
-
-def _smoothed_logistic(delta: torch.Tensor, opts: LossOptions) -> torch.Tensor:
-    eps = opts.label_smoothing
-    return -F.logsigmoid(opts.beta * delta) * (1 - eps) - F.logsigmoid(-opts.beta * delta) * eps
-
-
-@register_loss(
-    "aot",
-    trl_reference="DPOTrainer._compute_loss",
-    options=("beta", "label_smoothing"),
-)
-def aot(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """AOT (paired): distributional alignment by sorting policy and reference margins across the batch.
-
-    Formula:
-        δ = sort_b(c − r) − sort_b(c_ref − r_ref);  L = −(1−ε)·log σ(β·δ) − ε·log σ(−β·δ)
-
-    Shape:
-        batch fields: (B,) -> output: (B,) (entry i is the i-th order statistic, not pair i)
-
-    Paper:
-        Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
-        arXiv:2406.05882 (paired AOT).
-
-    TRL:
-        DPOConfig(loss_type="aot").
-    """
-    policy_margins, _ = torch.sort(batch.chosen_logps - batch.rejected_logps, dim=0)  # (B,)
-    ref_margins, _ = torch.sort(batch.ref_chosen_logps - batch.ref_rejected_logps, dim=0)  # (B,)
-    return _smoothed_logistic(policy_margins - ref_margins, opts)
-
-
-@register_loss(
-    "aot_unpaired",
-    trl_reference="DPOTrainer._compute_loss",
-    options=("beta", "label_smoothing"),
-)
-def aot_unpaired(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """AOT (unpaired): sort chosen and rejected log-ratios separately across the batch.
-
-    Formula:
-        δ = sort_b(Δc) − sort_b(Δr);  L = −(1−ε)·log σ(β·δ) − ε·log σ(−β·δ)
-
-    Shape:
-        batch fields: (B,) -> output: (B,) (entry i is the i-th order statistic, not pair i)
-
-    Paper:
-        Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport",
-        arXiv:2406.05882 (unpaired AOT).
-
-    TRL:
-        DPOConfig(loss_type="aot_unpaired").
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    chosen_sorted, _ = torch.sort(chosen_ratio, dim=0)  # (B,)
-    rejected_sorted, _ = torch.sort(rejected_ratio, dim=0)  # (B,)
-    return _smoothed_logistic(chosen_sorted - rejected_sorted, opts)
-
-
-@register_loss(
-    "apo_zero",
-    trl_reference="DPOTrainer._compute_loss",
-)
-def apo_zero(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """APO-zero: raise the chosen likelihood, lower the rejected (chosen better than the model's outputs).
-
-    Formula:
-        L = 1 − σ(βΔc) + σ(βΔr)
-
-    Shape:
-        batch fields: (B,) -> output: (B,)
-
-    Paper:
-        D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions",
-        arXiv:2408.06266, eq. 7.
-
-    TRL:
-        DPOConfig(loss_type="apo_zero").
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    return 1 - torch.sigmoid(opts.beta * chosen_ratio) + torch.sigmoid(opts.beta * rejected_ratio)
-
-
-@register_loss(
-    "apo_down",
-    trl_reference="DPOTrainer._compute_loss",
-)
-def apo_down(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
-    """APO-down: lower both likelihoods, the rejected more (chosen worse than the model's outputs).
-
-    Formula:
-        L = σ(βΔc) + 1 − σ(β(Δc − Δr))
-
-    Shape:
-        batch fields: (B,) -> output: (B,)
-
-    Paper:
-        D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions",
-        arXiv:2408.06266, eq. 8.
-
-    TRL:
-        DPOConfig(loss_type="apo_down").
-    """
-    chosen_ratio, rejected_ratio = log_ratios(batch)  # (B,), (B,)
-    return (
-        torch.sigmoid(opts.beta * chosen_ratio)
-        + 1
-        - torch.sigmoid(opts.beta * (chosen_ratio - rejected_ratio))
-    )
-
 
 @register_loss(
     "discopop",
@@ -480,6 +252,7 @@ def discopop(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
     return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
 
 
+
 @register_loss(
     "sigmoid_norm",
     trl_reference="DPOTrainer._compute_loss",
@@ -502,17 +275,9 @@ def sigmoid_norm(batch: PreferenceBatch, opts: LossOptions) -> torch.Tensor:
         DPOConfig(loss_type="sigmoid_norm").
     """
     chosen_scores, rejected_scores = f_divergence_scores(batch, opts)  # (B,), (B,)
-    delta = _average(chosen_scores, batch.chosen_lengths) - _average(rejected_scores, batch.rejected_lengths)
+    delta = averaged_margin(chosen_scores, rejected_scores, batch)  # (B,)
     return -F.logsigmoid(opts.beta * delta)
 
-
-def chosen_nll(batch: PreferenceBatch) -> torch.Tensor:
-    """Token-mean NLL of the chosen completions over the whole micro-batch (not a mean of row means).
-
-    Shape:
-        batch.chosen_token_logps, batch.chosen_token_mask: (B, L) -> output: ()
-    """
-    return -batch.chosen_token_logps[batch.chosen_token_mask.bool()].mean()
 
 
 @register_loss(

@@ -1,5 +1,12 @@
 """Per-token log-probabilities and logit statistics, chunked so the fp32 log-softmax never exists whole.
 
+The ONE place log p(label) is computed, for the engine and for the library alike:
+- `target_token_stats(rows, targets, project)` scores N target positions: `project` turns a chunk of rows
+  into logits (the engine passes decoder hidden states and its lean LM head, engine/forward.py, so the full
+  (B, T, V) logits never exist); each chunk runs under activation checkpointing, so its logits and fp32
+  upcast are freed after the forward and recomputed in the backward.
+- `token_stats(logits, labels)` is the same computation for logits already at hand (tests, notebooks).
+
 Alignment convention (used everywhere in `losses/`): `labels[b, t]` is the token that position `t` of
 `logits[b, t]` is scored against, i.e. labels are ALREADY shifted to the next token. Build them from the
 input ids with `next_token_labels(labels)` (`labels[:, 1:]` padded with one -100 at the end), the same
@@ -8,9 +15,7 @@ Positions whose label is -100 score 0 (and get a zero gradient).
 
 Numerics follow TRL 1.16's fused LM head (`trl/kernels/chunked_logprob.py`): whatever the logits dtype,
 the log-sum-exp, the gathered logit and every statistic are computed in fp32 (fp64 stays fp64), and the
-results are fp32. Memory: only label-carrying positions are read, gathered and upcast a chunk of about
-`_CHUNK_ELEMENTS` logits at a time. The backward is hand-written and recomputes the softmax per chunk, so
-autograd keeps no fp32 copy of the logits either (the gradient of the logits is, of course, full size).
+results are fp32.
 
     labels = input_ids.masked_fill(completion_mask == 0, -100)           # (B, T)
     next_labels = next_token_labels(labels)                               # (B, T), last column -100
@@ -18,28 +23,34 @@ autograd keeps no fp32 copy of the logits either (the gradient of the logits is,
     sequence_logps = stats.logps.sum(-1)                                  # (B,)
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-# About 16M logits per chunk: 64 MiB in fp32, whatever the vocabulary size.
-_CHUNK_ELEMENTS = 1 << 24
+ROWS_PER_CHUNK = 1024  # target positions scored at once: (1024, V) fp32 logits ≈ 0.5 GB at V = 128k
 
 
 @dataclass
 class TokenStats:
-    """Per-token outputs of `token_stats`; each (B, T), zero (False) where the label is -100.
+    """Per-token statistics, each (B, T) over the positions of the logits scored, zero (False) off the targets.
+
+    `token_stats(logits, labels)` returns them for every position of `logits` (labels aligned with
+    `next_token_labels`); the engine's model (engine/forward.py) for the T-1 positions that predict a given token.
 
     Attributes:
-        logps: log p(label), fp32, differentiable w.r.t. the logits.
+        mask: which positions carry a label (`labels != -100`), bool.
+        logps: log p(label), fp32, differentiable.
         entropy: H = logsumexp(z) − Σ_v p_v z_v (nats), detached; None unless requested.
         log_sum_sq_probs: log Σ_v p_v², detached (WPO weights); None unless requested.
         mean_logits: Σ_v z_v / V, detached (TRL's `logits/chosen` metric); None unless requested.
         is_top1: label == argmax_v z_v (first maximum wins, like `argmax`), bool; None unless requested.
     """
 
+    mask: torch.Tensor
     logps: torch.Tensor
     entropy: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
@@ -67,75 +78,81 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scored_chunks(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None):
-    """Yield `(batch_idx, time_idx)`, index tensors (k,) of at most `chunk_rows` label-carrying positions.
+_STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
-    Only positions with a label are ever read (prompt and padding are skipped, like TRL's compact mode), and
-    one `nonzero` for the whole batch means one host sync, not one per chunk.
+
+def _chunk_stats(rows: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None,
+                 wanted: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """log p(target) of k rows (differentiable) and the `wanted` detached statistics, each (k,)."""
+    logits = rows if project is None else project(rows)  # (k, V) in the compute dtype
+    z = logits.to(_compute_dtype(logits.dtype))  # (k, V): upcast, this chunk only
+    lse = torch.logsumexp(z, dim=-1)  # (k,)
+    logps = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse  # (k,); d/dz_v = 1[v = y] − p_v
+    extras = []
+    with torch.no_grad():
+        if "entropy" in wanted or "log_sum_sq_probs" in wanted:
+            log_p = z - lse.unsqueeze(1)  # (k, V)
+        if "entropy" in wanted:
+            extras.append(lse - (log_p.exp() * z).sum(-1))
+        if "log_sum_sq_probs" in wanted:
+            extras.append(torch.logsumexp(2 * log_p, dim=-1))
+        if "mean_logits" in wanted:
+            extras.append(z.mean(-1))
+        if "is_top1" in wanted:
+            extras.append(z.argmax(-1) == targets)
+    return (logps, *extras)
+
+
+def target_token_stats(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    wanted: tuple[str, ...] = (),
+    chunk_rows: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """log p(target) and the `wanted` statistics at N target positions, `chunk_rows` rows at a time.
+
+    Each chunk projects its rows to logits (`project`, e.g. the LM head; None: the rows ARE logits) and
+    scores them; with autograd on, the chunk runs under activation checkpointing, so no chunk's (k, V)
+    logits outlive its forward.
+
+    Args:
+        rows: one row per target position (hidden states, or logits when `project` is None).
+        targets: the token each row is scored against, in [0, V).
+        project: rows (k, ·) -> logits (k, V), or None.
+        wanted: names among "entropy", "log_sum_sq_probs", "mean_logits", "is_top1".
+        chunk_rows: rows per chunk (default `ROWS_PER_CHUNK`).
+
+    Returns:
+        {"logps": ..., **{name: ... for name in wanted}}, each (N,).
+
+    Shape:
+        rows: (N, H) or (N, V); targets: (N,); each output: (N,)
     """
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    batch_idx, time_idx = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (K,), (K,)
-    for start in range(0, batch_idx.numel(), rows):
-        yield batch_idx[start : start + rows], time_idx[start : start + rows]
+    unknown = set(wanted) - set(_STATISTICS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; available: {', '.join(_STATISTICS)}")
+    wanted = tuple(name for name in _STATISTICS if name in wanted)  # a fixed order for the chunks' outputs
+    size = chunk_rows or ROWS_PER_CHUNK
+    outputs = []
+    for chunk, chunk_targets in zip(rows.split(size), targets.split(size), strict=True):
+        if torch.is_grad_enabled():
+            outputs.append(checkpoint(_chunk_stats, chunk, chunk_targets, project, wanted, use_reentrant=False))
+        else:
+            outputs.append(_chunk_stats(chunk, chunk_targets, project, wanted))
+    if not outputs:  # no target at all: keep the graph connected so backward still works
+        empty = torch.zeros(0, device=rows.device, dtype=_compute_dtype(rows.dtype))
+        values = {"logps": empty + rows.sum() * 0.0}
+        values.update({name: empty.bool() if name == "is_top1" else empty for name in wanted})
+        return values
+    columns = [torch.cat(parts) for parts in zip(*outputs, strict=True)]
+    return dict(zip(("logps", *wanted), columns, strict=True))
 
 
-class _ChunkedTokenStats(torch.autograd.Function):
-    """log p(label) per token (differentiable) plus optional detached statistics, one pass over the logits."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, chunk_rows, want_entropy, want_lssp, want_mean_logits, want_top1):
-        ctx.set_materialize_grads(False)
-        batch, seq_len, _ = logits.shape
-        dtype = _compute_dtype(logits.dtype)
-        zeros = dict(device=logits.device, dtype=dtype)
-        logps = torch.zeros(batch, seq_len, **zeros)  # (B, T)
-        log_z = torch.zeros(batch, seq_len, **zeros)  # (B, T), saved for the backward
-        entropy = torch.zeros(batch, seq_len, **zeros) if want_entropy else None
-        lssp = torch.zeros(batch, seq_len, **zeros) if want_lssp else None
-        mean_logits = torch.zeros(batch, seq_len, **zeros) if want_mean_logits else None
-        is_top1 = torch.zeros(batch, seq_len, device=logits.device, dtype=torch.bool) if want_top1 else None
-
-        for where in _scored_chunks(logits, labels, chunk_rows):
-            z = logits[where].to(dtype)  # (k, V): a copy of k rows only, upcast
-            targets = labels[where]  # (k,)
-            lse = torch.logsumexp(z, dim=-1)  # (k,)
-            target_z = z.gather(1, targets.unsqueeze(1)).squeeze(1)  # (k,)
-            logps[where] = target_z - lse
-            log_z[where] = lse
-            if want_entropy or want_lssp:
-                log_p = z - lse.unsqueeze(1)  # (k, V)
-            if want_entropy:
-                entropy[where] = lse - (log_p.exp() * z).sum(-1)
-            if want_lssp:
-                lssp[where] = torch.logsumexp(2 * log_p, dim=-1)
-            if want_mean_logits:
-                mean_logits[where] = z.mean(-1)
-            if want_top1:
-                is_top1[where] = z.argmax(-1) == targets
-
-        ctx.save_for_backward(logits, labels, log_z)
-        ctx.chunk_rows = chunk_rows
-        extras = [x for x in (entropy, lssp, mean_logits, is_top1) if x is not None]
-        ctx.mark_non_differentiable(*extras)
-        return logps, entropy, lssp, mean_logits, is_top1
-
-    @staticmethod
-    def backward(ctx, grad_logps, *_unused):
-        logits, labels, log_z = ctx.saved_tensors
-        if grad_logps is None or not ctx.needs_input_grad[0]:
-            return (None,) * 7
-        dtype = _compute_dtype(logits.dtype)
-        grad_logits = torch.zeros_like(logits)  # (B, T, V)
-        for where in _scored_chunks(logits, labels, ctx.chunk_rows):
-            z = logits[where].to(dtype)  # (k, V)
-            targets = labels[where]  # (k,)
-            upstream = grad_logps[where].to(dtype)  # (k,)
-            probs = (z - log_z[where].unsqueeze(1)).exp()  # (k, V) softmax, recomputed
-            # d log p_y / d z_v = 1[v = y] − p_v
-            grad = -upstream.unsqueeze(1) * probs  # (k, V)
-            grad.scatter_add_(1, targets.unsqueeze(1), upstream.unsqueeze(1))
-            grad_logits[where] = grad.to(logits.dtype)
-        return grad_logits, None, None, None, None, None, None
+def scatter_to_positions(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-target values (N,) back to their (B, T) positions, zero (False) where `mask` is False."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -162,13 +179,14 @@ def token_stats(
     """Per-token log p(label) and, on request, entropy / log Σp² / mean logit / top-1 hit, in one pass.
 
     Equals `log_softmax(logits.float(), -1).gather(-1, labels)` where labels != -100 and 0 elsewhere, as
-    TRL 1.16's fused LM head returns it (`FusedCausalLMOutput.log_probs` and friends).
+    TRL 1.16's fused LM head returns it (`FusedCausalLMOutput.log_probs` and friends). The label-carrying
+    rows are gathered once and scored by `target_token_stats`, as the engine scores its hidden states.
 
     Args:
         logits: model logits, any float dtype.
         labels: next-token labels ALIGNED with `logits` (see `next_token_labels`), -100 = not scored.
         entropy, log_sum_sq_probs, mean_logits, is_top1: which detached statistics to compute.
-        chunk_rows: rows per chunk; default keeps a chunk near 16M logits.
+        chunk_rows: rows per chunk (default `ROWS_PER_CHUNK`).
 
     Returns:
         `TokenStats`; every field is zero / False at positions whose label is -100.
@@ -179,10 +197,11 @@ def token_stats(
         each field of the result: (B, T)
     """
     _check_shapes(logits, labels)
-    outputs = _ChunkedTokenStats.apply(
-        logits, labels, chunk_rows, entropy, log_sum_sq_probs, mean_logits, is_top1
-    )
-    return TokenStats(*outputs)
+    mask = labels != IGNORE_INDEX  # (B, T)
+    flags = dict(entropy=entropy, log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1)
+    values = target_token_stats(logits[mask], labels[mask], wanted=tuple(k for k, v in flags.items() if v),
+                                chunk_rows=chunk_rows)  # each (N,)
+    return TokenStats(mask, **{name: scatter_to_positions(value, mask) for name, value in values.items()})
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
@@ -192,7 +211,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | No
         logits: model logits, any float dtype.
         labels: next-token labels ALIGNED with `logits` (`labels[b, t]` is scored by `logits[b, t]`; build
             them with `next_token_labels`), -100 = not scored.
-        chunk_rows: rows per chunk; default keeps a chunk near 16M logits.
+        chunk_rows: rows per chunk (default `ROWS_PER_CHUNK`).
 
     Returns:
         Per-token log-probabilities of the labels.
@@ -212,7 +231,7 @@ def token_entropy(logits: torch.Tensor, chunk_rows: int | None = None) -> torch.
 
     Args:
         logits: model logits, any float dtype.
-        chunk_rows: rows per chunk; default keeps a chunk near 16M logits.
+        chunk_rows: rows per chunk (default `ROWS_PER_CHUNK`).
 
     Shape:
         logits: (B, T, V)

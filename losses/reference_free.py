@@ -13,8 +13,8 @@ model: our `beta` default 0.1 is TRL's, not the paper's.
 import torch
 import torch.nn.functional as F
 
-from losses.dpo import chosen_nll
 from losses.registry import LossOptions, PreferenceBatch, register_loss
+from losses.terms import chosen_nll
 
 
 def average_logps(batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,6 +250,8 @@ def preference_loss(
 
     e.g. RPO = `["sigmoid", "sft"]` with weights `[1, α]`; MPO = `["sigmoid", "bco_pair", "sft"]`.
     The engine divides the result by the number of micro-batches under gradient accumulation (TRL does).
+    The settings are checked once before training (`validate_loss_config`, from the config's validation), not
+    here on every micro-batch.
 
     Args:
         loss_types: registered loss names (`LOSSES`).
@@ -271,7 +273,6 @@ def preference_loss(
         pair_weights: (B,) or None
         loss: ()
     """
-    validate_loss_config(loss_types, loss_weights, options, use_weighting=pair_weights is not None)
     specs = [get_loss(name) for name in loss_types]
     _check_batch(specs, batch)
     if loss_weights is None:

@@ -99,6 +99,9 @@ def inspect_batch(config, batch_index: int = 0) -> BatchView:
     indices = batches[batch_index]
     batch = method.collate([examples[i] for i in indices])
     batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    from engine.forward import LeanCausalLM
+
+    model = LeanCausalLM(model)  # the engine's forward: per-token statistics from the lean LM head
     if hasattr(method, "setup"):
         model = method.setup(model, examples, accelerator)
     model.eval()  # no dropout: the numbers are those of the starting weights, reproducibly
@@ -121,9 +124,10 @@ def _score_dpo(method, model, batch, indices: list[int], tokenizer) -> BatchView
     """Per-token log-probs, per-sequence sums, rewards and per-pair losses, with the engine's own DPO code."""
     from losses import PreferenceBatch, get_loss
 
-    sums, per_token, stats = method._sequence_logps(model, batch)  # (2B,), (2B, T-1), mask (2B, T-1)
+    sums, stats = method.score(model, batch)  # (2B,), each (2B, T-1): position t scores token t + 1
+    per_token = stats.logps  # (2B, T-1), zero off the completion
     pairs_count = len(indices)
-    ref_sums = None if method.reference_free else method._reference_forward(model, batch)  # (2B,)
+    ref_sums = None if method.reference is None else method.reference.logps(batch)  # (2B,)
     chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)
     pair = PreferenceBatch(
         chosen_logps=sums[:pairs_count], rejected_logps=sums[pairs_count:],
@@ -206,18 +210,16 @@ def _score_sft(model, batch, indices: list[int], tokenizer, structure) -> BatchV
     """Per-token log-probs and per-sequence NLL with the engine's lean LM head (engine/forward.py)."""
     import torch
 
-    from engine.forward import scatter_to_rows, token_stats
-
-    stats = token_stats(model, batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
-                        position_ids=batch.get("position_ids"))
-    per_token = scatter_to_rows(stats.logps, stats.mask)  # (B, T-1), zero off the targets
+    stats = model(batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+                  position_ids=batch.get("position_ids"))  # each (B, T-1), position t scoring token t + 1
+    per_token, target_mask = stats.logps, stats.mask  # (B, T-1), zero (False) off the targets
     attention = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
     sequences, notes = [], []
     if batch["input_ids"].shape[0] == 1 and "position_ids" in batch and len(indices) > 1:
         notes.append(f"padding-free packed batch: the {len(indices)} examples are one row")
     for row in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][row].tolist()
-        trained = [False] + stats.mask[row].tolist()
+        trained = [False] + target_mask[row].tolist()
         logps = [None] + per_token[row].float().tolist()
         example_roles = None
         if structure is not None:  # padding-free packing: the examples of the batch concatenated in one row
@@ -234,7 +236,7 @@ def _score_sft(model, batch, indices: list[int], tokenizer, structure) -> BatchV
             tokens.append(TokenView(position, token_id, text, role, bool(trained[position]),
                                     logps[position] if trained[position] else None))
         nll = -float(per_token[row].sum())
-        count = int(stats.mask[row].sum())
+        count = int(target_mask[row].sum())
         summary = {"nll": nll, "trained_tokens": float(count), "mean_nll": nll / count if count else 0.0}
         title = f"row {row} (example {indices[row]})" if batch["input_ids"].shape[0] == len(indices) else f"row {row}"
         sequences.append(SequenceView(title, tokens, summary))

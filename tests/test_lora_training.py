@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 import engine.setup
 from engine.config import parse_config
 from engine.errors import UserError
+from engine.forward import plain_model
 from engine.loop import train
 from engine.sft import SFTMethod
 from lora import lora_parameters
@@ -127,7 +128,7 @@ def peft_run(workdir, model_dir, sft_data, probe):
     original_save = engine.setup.save_final_model
 
     def save_final_model(config, accelerator, model, tokenizer, out):
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = plain_model(accelerator, model)  # the transformers model inside the prepared one
         final["logits"] = logits_of(unwrapped, probe)
         final["base_state"] = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if "lora_" not in n}
         return original_save(config, accelerator, model, tokenizer, out)
@@ -259,9 +260,9 @@ def test_adapter_saved_by_peft_continues_training(workdir, model_dir, peft_adapt
     start: dict = {}
     original_loss = SFTMethod.loss
 
-    def loss(self, model, batch, num_items_in_batch, train=True):
+    def loss(self, model, batch, window, train=True):
         batches.append({k: v.clone() for k, v in batch.items()})
-        return original_loss(self, model, batch, num_items_in_batch, train)
+        return original_loss(self, model, batch, window, train)
 
     def hook(step: int, model: torch.nn.Module) -> None:
         if step == 1:

@@ -19,6 +19,7 @@ from losses import (
     PreferenceBatch,
     get_loss,
     needs_reference,
+    next_token_labels,
     preference_loss,
     sequence_logps,
     sft_loss,
@@ -355,9 +356,12 @@ def test_sft_loss_by_hand():
     logits = torch.tensor([[[0.0, math.log(3)], [math.log(3), 0.0], [7.0, -7.0]]])  # (1, 3, 2)
     labels = torch.tensor([[-100, 1, 0]])
     nll = 2 * math.log(4 / 3)
-    assert sft_loss(logits, labels).item() == pytest.approx(nll / 2, abs=1e-6)
-    assert sft_loss(logits, labels, num_items_in_batch=4).item() == pytest.approx(nll / 4, abs=1e-6)
-    assert sft_loss(logits, labels, num_items_in_batch=torch.tensor(0)).item() == pytest.approx(nll, abs=1e-6)
+    stats = token_stats(logits, next_token_labels(labels))  # (1, 3) each
+    assert sft_loss(stats.logps, stats.mask).item() == pytest.approx(nll / 2, abs=1e-6)
+    assert sft_loss(stats.logps, stats.mask, num_items_in_batch=4).item() == pytest.approx(nll / 4, abs=1e-6)
+    assert sft_loss(stats.logps, stats.mask, num_items_in_batch=torch.tensor(0)).item() == pytest.approx(nll, abs=1e-6)
+    # Data parallel: each of P = 2 processes' share times P, so that DDP's gradient average is the global mean.
+    assert sft_loss(stats.logps, stats.mask, 4, num_processes=2).item() == pytest.approx(nll / 2, abs=1e-6)
 
 
 def test_sequence_logps_ld_alpha_by_hand():
@@ -383,8 +387,9 @@ def test_wpo_weights_by_hand():
 
 
 def test_chunked_logps_keep_no_fp32_copy_for_backward():
-    """Memory: for bf16 logits autograd keeps only the logits themselves (no fp32 upcast), the labels and the
-    fp32 log-normaliser (B, T): 2·3·50·2 + 2·3·8 + 2·3·4 = 672 bytes here, vs 1200 for a whole fp32 copy."""
+    """Memory: for bf16 logits autograd keeps only the label-carrying rows of the logits in bf16 (no fp32 upcast:
+    the chunks are recomputed in backward), their labels, and the (B, T) bool mask for the gather and the scatter
+    back: 2·3·50·2 + 2·3·8 + 2·(2·3) = 660 bytes here, vs 1200 for a whole fp32 copy."""
     logits = torch.randn(2, 3, 50).bfloat16().requires_grad_(True)
     labels = torch.randint(0, 50, (2, 3))
     saved_bytes = []
@@ -395,4 +400,4 @@ def test_chunked_logps_keep_no_fp32_copy_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         token_logps(logits, labels, chunk_rows=1)
-    assert sum(saved_bytes) == 2 * 3 * 50 * 2 + 2 * 3 * 8 + 2 * 3 * 4
+    assert sum(saved_bytes) == 2 * 3 * 50 * 2 + 2 * 3 * 8 + 2 * (2 * 3)

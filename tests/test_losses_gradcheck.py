@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from losses import LOSSES, LossOptions, PreferenceBatch, get_loss, sequence_logps, sft_loss, token_logps
+from losses import (
+    LOSSES,
+    LossOptions,
+    PreferenceBatch,
+    get_loss,
+    next_token_labels,
+    sequence_logps,
+    sft_loss,
+    token_logps,
+)
 
 B, L = 4, 5
 
@@ -85,12 +94,14 @@ def test_token_logps_gradcheck():
 
 
 def test_sft_loss_gradcheck():
-    """sft_loss (shift inside, divide by N) w.r.t. the logits, N = 5."""
+    """token_logps -> sft_loss (the engine's path: shift, gather, divide by N) w.r.t. the logits, N = 5."""
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 6, (2, 4), generator=g)
     labels[1, :2] = -100
-    assert gradcheck(lambda x: sft_loss(x, labels, num_items_in_batch=5), (logits,))
+    next_labels = next_token_labels(labels)  # (2, 4)
+    mask = next_labels != -100
+    assert gradcheck(lambda x: sft_loss(token_logps(x, next_labels), mask, num_items_in_batch=5), (logits,))
 
 
 def test_sequence_logps_ld_alpha_gradcheck():

@@ -342,13 +342,14 @@ def test_orpo_odds_term_matches_trl():
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 37])
 def test_sft_loss_matches_transformers(num_items_in_batch):
-    """sft_loss == transformers' ForCausalLMLoss (sum/N with N given, token mean without), grads included."""
+    """token_stats -> sft_loss == transformers' ForCausalLMLoss (sum/N with N given, token mean without), grads included."""
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 9, 50, generator=g, requires_grad=True)
     labels = torch.randint(0, 50, (3, 9), generator=g)
     labels[0, :4] = -100  # a masked prompt
     labels[2, 6:] = -100  # padding
-    ours = sft_loss(logits, labels, num_items_in_batch)
+    stats = token_stats(logits, next_token_labels(labels))  # the engine's path: per-token log-probs, then the loss
+    ours = sft_loss(stats.logps, stats.mask, num_items_in_batch)
     (our_grad,) = torch.autograd.grad(ours, logits)
     kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
     expected = ForCausalLMLoss(logits, labels, vocab_size=50, **kwargs)

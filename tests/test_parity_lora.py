@@ -43,6 +43,7 @@ from safetensors.torch import load_file
 from engine.config import parse_config
 from engine.dpo import DPOMethod
 from engine.loop import train
+from engine.reference import AdaptersOff
 from engine.sft import SFTMethod
 from lora import lora_parameters
 from tests.trl_harness import TrlRun, make_tiny_model_dir, run_trl_dpo
@@ -380,10 +381,10 @@ def test_sft_lora_dropout_masks_match_trl(workdir, tokenizer, tokenizer_dir, smo
     our_rng: list[torch.Tensor] = []
     original_loss = SFTMethod.loss
 
-    def record_rng(self, model, batch, num_items_in_batch, train=True):
+    def record_rng(self, model, batch, window, train=True):
         if train:
             our_rng.append(torch.get_rng_state())
-        return original_loss(self, model, batch, num_items_in_batch, train)
+        return original_loss(self, model, batch, window, train)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SFTMethod, "loss", record_rng)  # observe only: the loop itself follows TRL's stream
@@ -407,11 +408,11 @@ def test_sft_lora_dropout_masks_match_trl(workdir, tokenizer, tokenizer_dir, smo
 
 
 def test_dpo_lora_reference_is_the_policy_with_adapters_off(dpo_pair):
-    """No second model: our DPOMethod holds no ref_model and no precomputed log-probs, so the reference is the
-    policy under `disable_adapters`. At step 1, B = 0 makes policy == reference: loss = ln 2 exactly, rewards 0."""
+    """No second model: our DPOMethod's reference holds no model and no precomputed log-probs: it is the
+    policy under `disable_adapters` (engine.reference.AdaptersOff). At step 1, B = 0 makes policy == reference: loss = ln 2 exactly, rewards 0."""
     trl_run, ours = dpo_pair
     method = ours["method"]
-    assert method.ref_model is None and method.ref_logps is None
+    assert type(method.reference) is AdaptersOff and method.reference.model is None
     first = ours["result"].logs[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0

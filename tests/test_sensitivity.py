@@ -9,7 +9,7 @@ Perturbations (one loss at a time; its registry entry is swapped for a wrapped f
 Checks:
 - Golden curves (tests/test_golden.py): each run of scripts/golden.py that trains with the loss is rerun with the
   perturbed loss and compared with its stored curve. Expected: values move, and the largest move is at least
-  10x its tolerance (caught by the perturbation, not by rounding noise). SFT's `nll_loss` (not a registered
+  10x its tolerance (caught by the perturbation, not by rounding noise). SFT's `sft_loss` (not a registered
   preference loss) is perturbed the same way for the `sft` run.
 - Per-function checks (tests/test_losses_golden.py golden values, tests/test_losses_vs_trl.py TRL parity):
   `FUNCTION_CHECKS` lists them per loss. Expected: at least one of them fails for every perturbation of every
@@ -89,9 +89,9 @@ def test_golden_curves_catch_a_perturbed_loss(monkeypatch, assets, name, kind):
 
 
 def test_golden_curve_catches_a_perturbed_sft_nll(monkeypatch, assets):
-    """SFT's loss (engine.sft uses losses.sft.nll_loss) times 1.001: the `sft` golden run moves (its loss by 1e-3)."""
-    original = engine.sft.nll_loss
-    monkeypatch.setattr(engine.sft, "nll_loss", lambda *args, **kwargs: original(*args, **kwargs) * FACTOR)
+    """SFT's loss (engine.sft uses losses.sft.sft_loss) times 1.001: the `sft` golden run moves (its loss by 1e-3)."""
+    original = engine.sft.sft_loss
+    monkeypatch.setattr(engine.sft, "sft_loss", lambda *args, **kwargs: original(*args, **kwargs) * FACTOR)
     assert_golden_catches("sft", assets)
 
 
