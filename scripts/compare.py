@@ -25,23 +25,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
 
-from engine.errors import USER_ERRORS, UserError  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # argparse would print the usage too
-        raise UserError(f"{message} (see python scripts/compare.py --help)")
+from engine.compare.cli import OneLineParser, run_main  # noqa: E402
+from engine.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="compare.py", allow_abbrev=False,
+    parser = OneLineParser(prog="compare.py", allow_abbrev=False,
                      description="Compare a policy with its reference on held-out preference pairs and answers.")
     models = parser.add_argument_group("models")
     models.add_argument("--model_name_or_path", required=True,
@@ -93,7 +86,13 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     from data.dpo import prepare_dpo_dataset
     from engine.compare import CompareOptions, Sampling, Side, compare, write_report
-    from engine.compare.load import load_heldout_split, load_judge, load_prompts, load_shared_tokenizer, load_side
+    from engine.compare.load import (
+        load_heldout_split,
+        load_judge,
+        load_prompts,
+        load_shared_tokenizer,
+        load_side,
+    )
 
     _check_ranges(args)
     judge = load_judge(args.judge) if args.judge is not None else None
@@ -124,12 +123,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(build_parser().parse_args(argv))
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def save_margin_histogram(margins: dict[str, Sequence[float]], path: str | os.Pa
 
 def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
     """The panels a run's records fill: `CURVE_PANELS` restricted to the metrics that were logged."""
-    logged = {key for record in records for key in record}
+    logged = {key for record in records if "step" in record for key in record}
     panels = [(title, [name for name in names if name in logged]) for title, names in CURVE_PANELS]
     return [(title, names) for title, names in panels if names]
 
@@ -89,7 +89,9 @@ def save_training_curves(records: list[dict], path: str | os.PathLike, title: st
                                 layout="constrained", squeeze=False)
     for axis, (panel_title, names) in zip(axes.flat, panels, strict=False):
         for name in names:
-            points = [(record["step"], record[name]) for record in records if name in record]
+            points = [(record["step"], record[name]) for record in records if name in record and "step" in record]
+            if not points:
+                continue
             steps, values = zip(*points, strict=True)
             style = dict(marker="o", linestyle="--") if name.startswith("eval_") else dict(linewidth=1.2)
             axis.plot(steps, values, label=name, **style)

@@ -136,7 +136,10 @@ def write_report(comparison: Comparison, output_dir: str | Path, metrics_dir: st
         from engine.tracking import read_metrics
 
         written.append(output_dir / "training_curves.png")
-        save_training_curves(read_metrics(metrics_dir), written[-1], title=str(metrics_dir))
+        try:
+            save_training_curves(read_metrics(metrics_dir), written[-1], title=str(metrics_dir))
+        except (ValueError, json.JSONDecodeError) as error:
+            raise UserError(f"{metrics_file}: cannot draw the training curves ({error})") from None
     return written
 
 
