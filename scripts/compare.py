@@ -10,7 +10,7 @@ Either side is a model folder, a LoRA adapter folder (ours or PEFT's: its base m
 or a Hub id. The held-out pairs are the dataset's test split, or the split or slice `--dataset_test_split` names;
 their log-probs are computed as DPO training computes them (chat template, the same prompt/completion split, the
 summed completion log-probs DPO logs as logps/chosen). The prompts answered are those of the held-out pairs, or the
-lines of `--prompts`. Writes to --output_dir:
+lines of `--prompts`, the first `--max_prompts` (200) of them. Writes to --output_dir:
     report.json   per model: preference_accuracy, mean_margin, mean_length (tokens of its greedy answers); and
                   implicit_reward_accuracy (β·log-ratio, DPO's rewards/accuracies), kl_policy_reference (mean
                   per-token KL on the policy's sampled answers), win_rate (with --judge), samples (every prompt
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="truncate prompt + completion to this many tokens, as training does (default 1024)")
     data.add_argument("--prompts", default=None,
                       help="text file, one prompt per line, to answer instead of the held-out prompts")
+    data.add_argument("--max_prompts", type=int, default=200,
+                      help="answer at most the first N prompts (default 200; generation is the slow part)")
     scoring = parser.add_argument_group("scoring and generation")
     scoring.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward (default 0.1)")
     scoring.add_argument("--judge", default=None,
@@ -72,6 +74,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
         ("--batch_size", args.batch_size >= 1, "at least 1"),
         ("--max_length", args.max_length >= 1, "at least 1"),
         ("--max_eval_samples", args.max_eval_samples is None or args.max_eval_samples >= 1, "at least 1"),
+        ("--max_prompts", args.max_prompts >= 1, "at least 1"),
         ("--temperature", args.temperature > 0, "above 0 (greedy answers are always in the report)"),
         ("--top_p", 0 < args.top_p <= 1, "in (0, 1]"),
         ("--beta", args.beta > 0, "above 0"),
@@ -105,6 +108,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     tokenizer = load_shared_tokenizer(policy_tokenizer, reference_tokenizer, policy, reference)
     examples, _ = prepare_dpo_dataset(rows, tokenizer, max_length=args.max_length)
     prompts = load_prompts(args.prompts, tokenizer) if args.prompts else [e["prompt_ids"] for e in examples]
+    prompts = prompts[: args.max_prompts]
     options = CompareOptions(beta=args.beta, max_new_tokens=args.max_new_tokens,
                              sampling=Sampling(args.temperature, args.top_p, args.seed),
                              batch_size=args.batch_size, max_length=args.max_length, disable_tqdm=args.disable_tqdm)

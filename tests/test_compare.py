@@ -189,8 +189,9 @@ def test_lora_adapter_folder_as_policy(runs, tmp_path):
     out = tmp_path / "report"
     assert (runs["lora"] / "adapter_config.json").is_file()
     assert run_cli("--model_name_or_path", str(runs["lora"]), "--ref_model_name_or_path", str(runs["sft"]),
-                   "--dataset_name", str(runs["data"]), "--output_dir", str(out), *FAST) == 0
+                   "--dataset_name", str(runs["data"]), "--output_dir", str(out), "--max_prompts", "3", *FAST) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["heldout_pairs"] == TEST_PAIRS and report["prompts"] == 3  # --max_prompts: answers only
     final_eval = [r for r in map(json.loads, (runs["lora"] / "metrics.jsonl").read_text().splitlines())
                   if "eval_loss" in r][-1]
     assert final_eval["eval_rewards/margins"] != 0  # the adapter moved the model
