@@ -69,7 +69,7 @@ def pair_logps(side: Side, examples: list[dict], *, pad_token_id: int, max_lengt
 def preference_summary(logps: Tensor) -> dict[str, float]:
     """Preference accuracy (strict: a tie is not a win) and mean margin of one model's (N, 2) pair log-probs."""
     margins = logps[:, 0] - logps[:, 1]  # (N,)
-    return {"preference_accuracy": float((margins > 0).float().mean()), "mean_margin": float(margins.mean())}
+    return {"preference_accuracy": int((margins > 0).sum()) / len(margins), "mean_margin": float(margins.mean())}
 
 
 def implicit_reward_accuracy(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> dict[str, float]:
@@ -80,7 +80,7 @@ def implicit_reward_accuracy(policy_logps: Tensor, reference_logps: Tensor, beta
         policy_logps, reference_logps: (N, 2) [chosen, rejected]
     """
     rewards = beta * (policy_logps - reference_logps)  # (N, 2)
-    return {"implicit_reward_accuracy": float((rewards[:, 0] > rewards[:, 1]).float().mean()),
+    return {"implicit_reward_accuracy": int((rewards[:, 0] > rewards[:, 1]).sum()) / len(rewards),
             "implicit_reward_margin": float((rewards[:, 0] - rewards[:, 1]).mean())}
 
 
