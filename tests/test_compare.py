@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.defaults import DEFAULT_DPO_DATASET
 from data.dpo import prepare_dpo_dataset
 from engine.compare import CompareOptions, Sampling, Side, compare, generate
+from engine.compare.generate import _cut_after_eos
 from engine.compare.load import load_heldout_split
 from engine.compare.scores import pair_logps, token_kl
 from engine.config import parse_config
@@ -129,6 +130,8 @@ def test_generation_batched_equals_one_at_a_time_and_sampling_is_seeded(runs):
     assert batched == single
     for answer in batched:
         assert len(answer) == 10 or (answer[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in answer[:-1])
+    # After its first EOS, generate() pads the row; the answer keeps that EOS (it counts in the length), nothing after.
+    assert _cut_after_eos([5, 7, 2, 2, 2], eos_id=2) == [5, 7, 2] and _cut_after_eos([5, 7], eos_id=2) == [5, 7]
     sampled = [generate(policy, tokenizer, prompts, max_new_tokens=10, sampling=Sampling(seed=seed),
                         disable_tqdm=True) for seed in (1, 1, 2)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
@@ -148,7 +151,7 @@ def test_cli_report_numbers_files_and_progress(runs, tmp_path, capsys):
         assert re.search(re.escape(bar) + r".*100%", progress), bar
     report = json.loads((out / "report.json").read_text())
 
-    examples, _ = heldout_examples(runs)
+    examples, tokenizer = heldout_examples(runs)
     models = {side: AutoModelForCausalLM.from_pretrained(runs[run]).eval()
               for side, run in (("policy", "dpo"), ("reference", "sft"))}
     direct = {side: [(direct_logps(m, e, "chosen"), direct_logps(m, e, "rejected")) for e in examples]
@@ -157,7 +160,14 @@ def test_cli_report_numbers_files_and_progress(runs, tmp_path, capsys):
         margins = [c - r for c, r in pairs]
         assert report[side]["preference_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / TEST_PAIRS)
         assert report[side]["mean_margin"] == pytest.approx(sum(margins) / TEST_PAIRS, abs=1e-4)
-        assert 1 <= report[side]["mean_length"] <= 8
+        # Greedy answers, one plain HF generate per prompt: tokens up to and including the first EOS.
+        lengths = []
+        for example in examples:
+            new_ids = models[side].generate(torch.tensor([example["prompt_ids"]]), do_sample=False, max_new_tokens=8,
+                                            pad_token_id=tokenizer.pad_token_id)[0, len(example["prompt_ids"]):]
+            eos = (new_ids == tokenizer.eos_token_id).nonzero()
+            lengths.append(int(eos[0]) + 1 if len(eos) else len(new_ids))
+        assert report[side]["mean_length"] == pytest.approx(sum(lengths) / TEST_PAIRS)
     rewards = [0.5 * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(direct["policy"], direct["reference"],
                                                                            strict=True)]
     assert report["beta"] == 0.5
