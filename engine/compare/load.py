@@ -80,7 +80,8 @@ def load_heldout_split(dataset_name: str, dataset_config: str | None, split: str
     try:  # the loader's first split must exist; ask for ours in that role, with no second split
         rows, _ = load_dataset_splits(dataset_name, dataset_config, train_split=name, test_split=None)
     except DataError as error:
-        raise DataError(str(error).replace("--dataset_train_split", "--dataset_test_split")) from None
+        hint = "--dataset_test_split (a split, or a slice of one such as train[-200:])"
+        raise DataError(str(error).replace("--dataset_train_split", hint)) from None
     if match["start"] is None:
         return rows
     start, stop = (_slice_bound(match[key], len(rows)) for key in ("start", "stop"))
