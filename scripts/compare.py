@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_config", default=None, help="Hub configuration, or sub-folder of a local dataset")
     data.add_argument("--dataset_test_split", default="test",
                       help="held-out split, or a slice of one: test, train[-200:], train[90%%:] (default test)")
+    data.add_argument("--dataset_column_map", nargs="+", default=None,
+                      help="map other columns onto prompt/chosen/rejected, as train.py: a preset or source=target "
+                           "pairs")
     data.add_argument("--max_eval_samples", type=int, default=None,
                       help="score and answer only the first N held-out pairs (default: all)")
     data.add_argument("--max_length", type=int, default=1024,
@@ -87,6 +90,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> list[Path]:
     import torch
 
+    from data.column_map import normalize_dpo_columns
     from data.dpo import prepare_dpo_dataset
     from engine.compare import CompareOptions, Sampling, Side, compare, write_report
     from engine.compare.load import (
@@ -106,6 +110,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     policy, policy_tokenizer = load_side(args.model_name_or_path, "--model_name_or_path", device)
     reference, reference_tokenizer = load_side(args.ref_model_name_or_path, "--ref_model_name_or_path", device)
     tokenizer = load_shared_tokenizer(policy_tokenizer, reference_tokenizer, policy, reference)
+    rows = normalize_dpo_columns(rows, args.dataset_column_map)
     examples, _ = prepare_dpo_dataset(rows, tokenizer, max_length=args.max_length)
     prompts = load_prompts(args.prompts, tokenizer) if args.prompts else [e["prompt_ids"] for e in examples]
     prompts = prompts[: args.max_prompts]

@@ -230,6 +230,26 @@ def test_judge_win_rate_and_prompts_file_and_slice(runs, tmp_path, monkeypatch):
     assert "| judge's win rate, policy vs reference (0.5 = tie) |  |" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_dataset_column_map(runs, tmp_path):
+    """--dataset_column_map renames other columns onto prompt/chosen/rejected as train.py does: the renamed copy of
+    the held-out pairs scores exactly as the original."""
+    (tmp_path / "renamed").mkdir()
+    rows = [json.loads(line) for line in (runs["data"] / "test.jsonl").read_text().splitlines()]
+    (tmp_path / "renamed" / "test.jsonl").write_text("".join(
+        json.dumps({"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n" for r in rows))
+    (tmp_path / "renamed" / "train.jsonl").write_text((tmp_path / "renamed" / "test.jsonl").read_text())
+    reports = []
+    for data, extra in ((runs["data"], []), (tmp_path / "renamed", ["--dataset_column_map", "question=prompt",
+                                                                     "good=chosen", "bad=rejected"])):
+        out = tmp_path / f"out{len(reports)}"
+        assert run_cli("--model_name_or_path", str(runs["dpo"]), "--ref_model_name_or_path", str(runs["sft"]),
+                       "--dataset_name", str(data), "--output_dir", str(out), "--max_prompts", "1", *extra,
+                       *FAST) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+    assert reports[1]["heldout_pairs"] == TEST_PAIRS
+    assert reports[1]["policy"] == reports[0]["policy"] and reports[1]["reference"] == reports[0]["reference"]
+
+
 @pytest.mark.parametrize("case", ["missing_folder", "hub_offline", "no_columns", "judge_spec", "judge_module",
                                   "judge_function", "judge_value", "bad_slice", "no_split", "temperature"])
 def test_bad_input_is_one_line_and_exit_2(case, runs, tmp_path, monkeypatch, capsys):
