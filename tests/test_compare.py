@@ -230,6 +230,23 @@ def test_judge_win_rate_and_prompts_file_and_slice(runs, tmp_path, monkeypatch):
     assert "| judge's win rate, policy vs reference (0.5 = tie) |  |" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_demo_rule_is_a_judge(runs, tmp_path):
+    """The DPO demo's rule judge plugs in as --judge examples.demo_rule:judge; its win rate is the demo's own
+    examples.demo_rule.win_rate on the same greedy answers."""
+    from examples import demo_rule
+
+    assert demo_rule.judge("What is 17 + 25?", "17 + 25 = 42.", "The answer is 42.") == 1.0
+    assert demo_rule.judge("What is 17 + 25?", "The answer is 42.", "17 + 25 = 43.") == 0.5
+    out = tmp_path / "out"
+    assert run_cli("--model_name_or_path", str(runs["dpo"]), "--ref_model_name_or_path", str(runs["sft"]),
+                   "--dataset_name", str(runs["data"]), "--judge", "examples.demo_rule:judge", "--output_dir", str(out),
+                   *FAST) == 0
+    report = json.loads((out / "report.json").read_text())
+    greedy = [s for s in report["samples"] if s["decoding"] == "greedy"]
+    assert report["win_rate"] == demo_rule.win_rate([s["policy"] for s in greedy], [s["reference"] for s in greedy],
+                                                    [s["prompt"] for s in greedy])
+
+
 def test_dataset_column_map(runs, tmp_path):
     """--dataset_column_map renames other columns onto prompt/chosen/rejected as train.py does: the renamed copy of
     the held-out pairs scores exactly as the original."""
