@@ -13,7 +13,10 @@ and anything else 0.0.
     score("What is 17 + 25?", "17 + 25 = 42.")          # 1.0
     score("What is 17 + 25?", "17 + 25 = 43.")          # 0.5 (format only)
     score("What is 17 + 25?", "The answer is 42.")      # 0.5 (correct only)
+    judge("What is 17 + 25?", "17 + 25 = 42.", "The answer is 42.")   # 1.0: the first answer scores higher
     win_rate(policy_texts, reference_texts, prompts)    # wins + 0.5 * ties, over n
+
+`judge` is the demo's pluggable judge for scripts/compare.py (`--judge examples.demo_rule:judge`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,12 @@ def _problem(prompt: Prompt) -> tuple[int, str, int, int]:
     return int(a), op, int(b), result
 
 
+def judge(prompt: Prompt, a: str, b: str) -> float:
+    """How much completion `a` beats `b` under `score`: 1.0 higher, 0.5 equal, 0.0 lower (a compare judge)."""
+    score_a, score_b = score(prompt, a), score(prompt, b)
+    return 1.0 if score_a > score_b else 0.5 if score_a == score_b else 0.0
+
+
 def win_rate(
     policy_completions: Sequence[str], reference_completions: Sequence[str], prompts: Sequence[Prompt]
 ) -> float:
@@ -108,8 +117,4 @@ def win_rate(
             f"demo_rule.win_rate: need the same non-zero number of prompts ({n}), policy completions "
             f"({len(policy_completions)}) and reference completions ({len(reference_completions)})"
         )
-    total = 0.0
-    for prompt, policy, reference in zip(prompts, policy_completions, reference_completions, strict=True):
-        policy_score, reference_score = score(prompt, policy), score(prompt, reference)
-        total += 1.0 if policy_score > reference_score else 0.5 if policy_score == reference_score else 0.0
-    return total / n
+    return sum(judge(*row) for row in zip(prompts, policy_completions, reference_completions, strict=True)) / n

@@ -92,7 +92,7 @@ def report(config: TrainConfig, result: TrainResult) -> dict[str, Any]:
     holds_reference_model = not method.reference_free and not config.precompute_ref_log_probs
     if config.use_peft and not (holds_reference_model and config.ref_model_name_or_path):
         return demo_report(method, policy, policy, examples, result.output_dir, PartialState().is_main_process,
-                           reference_context=disable_adapters(policy))
+                           reference_scope=lambda: disable_adapters(policy))
     reference = load_model(config.ref_model_name_or_path or config.model_name_or_path,
                            revision=config.model_revision, trust_remote_code=config.trust_remote_code,
                            attn_implementation=config.attn_implementation)
