@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from engine.forward import scatter_to_rows, token_stats
+from engine.forward import LeanCausalLM
 
 
 @dataclass
@@ -49,6 +49,7 @@ def pair_logps(side: Side, examples: list[dict], *, pad_token_id: int, max_lengt
     from losses import sequence_logps
 
     device = next(side.model.parameters()).device
+    scorer = LeanCausalLM(side.model)  # the engine's forward: decoder + lean LM head, as DPO training scores
     rows = []
     with side.scope(), tqdm(total=len(examples), desc=f"{side.name}: scoring pairs", unit="pair",
                             disable=disable_tqdm) as progress:
@@ -58,9 +59,8 @@ def pair_logps(side: Side, examples: list[dict], *, pad_token_id: int, max_lengt
                                 truncation_mode=truncation_mode)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # (2B, T)
-            stats = token_stats(side.model, batch["input_ids"], labels, attention_mask=batch["attention_mask"])
-            per_token = scatter_to_rows(stats.logps, stats.mask)  # (2B, T-1)
-            sums = sequence_logps(per_token, stats.mask).float().cpu()  # (2B,) [chosen; rejected]
+            stats = scorer(batch["input_ids"], labels, attention_mask=batch["attention_mask"])  # each (2B, T-1)
+            sums = sequence_logps(stats.logps, stats.mask).float().cpu()  # (2B,) [chosen; rejected]
             rows.append(torch.stack(sums.chunk(2), dim=1))  # (B, 2)
             progress.update(len(chunk))
     return torch.cat(rows)
