@@ -27,6 +27,7 @@ from accelerate import Accelerator
 
 from engine.config import TrainConfig
 from engine.errors import UserError
+from engine.forward import plain_model
 from engine.setup import full_state_dict, load_model_files, save_model_files
 from engine.tracking import MetricWindow
 
@@ -159,7 +160,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Acceler
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         def write(folder: Path) -> None:
-            save_model_files(config.use_peft, accelerator.unwrap_model(model), tokenizer, folder,
+            save_model_files(config.use_peft, plain_model(accelerator, model), tokenizer, folder,
                              state_dict=state_dict)
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
@@ -177,7 +178,7 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
                     use_peft: bool) -> TrainingState:
     """Weights, optimizer, schedule and RNG from `folder` into the live run; returns its TrainingState."""
     state = TrainingState.from_dict(read_state(folder))
-    load_model_files(use_peft, accelerator.unwrap_model(model), folder)
+    load_model_files(use_peft, plain_model(accelerator, model), folder)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False, map_location="cpu"))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))

@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 
 from engine.data_order import micro_batches_of_epoch
-from engine.method import Method, call_through
+from engine.method import Method
 
 
 def _gathered_means(accelerator: Accelerator, means: dict[str, float]) -> dict[str, float]:
@@ -29,8 +29,7 @@ def evaluate(method: Method, model, examples: list[dict], batch_size: int,
         batch = method.collate([examples[i] for i in indices])
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.autocast():
-            metrics = call_through(model, accelerator,
-                                   lambda plain, batch=batch: method.evaluate_batch(plain, batch))
+            metrics = method.evaluate_batch(model, batch)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * len(indices)
         count += len(indices)
