@@ -26,7 +26,7 @@ from losses.errors import LossError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- add-your-own-loss:start -->", "<!-- add-your-own-loss:end -->"
 # A user's checkout (gen_losses_md.py reads tests/test_parity_dpo.py and scripts/golden.py).
-COPIED = ("train.py", "engine", "losses", "data", "lora", "scripts", "tests", "configs", "LOSSES.md", "README.md",
+COPIED = ("train.py", "engine", "losses", "data", "lora", "examples", "scripts", "tests", "configs", "LOSSES.md", "README.md",
           "pyproject.toml")
 SHORTEN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--bf16", "False", "--eval_steps", "0",
            "--save_steps", "0", "--demo_eval_samples", "0", "--disable_tqdm", "--logging_steps", "1"]
