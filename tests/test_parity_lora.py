@@ -9,8 +9,22 @@ a few steps on CPU in fp32, and must agree on:
 - every logged value per step (loss and every metric TRL logs, grad_norm, learning_rate, epoch, num_tokens);
 - the clipped gradients of every adapter parameter each step (only adapter parameters have gradients);
 - the final adapter (ours read back from <output_dir>/adapter_model.safetensors): on each side it is exactly
-  fused AdamW applied to that side's recorded clipped gradients and learning rates (see `assert_final_adapter`
-  for why the two final adapters are not compared entry by entry at 1e-5).
+  fused AdamW applied to the clipped gradients that side's optimizer got and its learning rates (see
+  `assert_final_adapter` for why the two free-run SFT adapters are not compared entry by entry at 1e-5); DPO
+  runs lock-step (below), so its adapter before every step and its final adapter are TRL's, bit for bit.
+
+DPO lock-step: our run records its clipped gradients and adapter weights each step, then hands the optimizer TRL's
+clipped gradients of that step, so every step starts from TRL's weights (as tests/test_parity_dpo.py). Why: a free
+run carries step 1's last-bit gradient rounding into step 2's weights, and Adam amplifies it. Step 1 (same initial
+weights) agrees to 3.6e-7 of max|g|; in a free run (measured on an AMX / AVX-512-bf16 Xeon, one thread as in the
+suite) the adapters after step 1 differ by up to 2.35e-6 (Adam moves an entry by lr * g / (|g| + 1e-8), a slope of
+lr / (4e-8) for the entries whose |g| ~ 1e-8), and the clipped gradients of model.layers.1.self_attn.q_proj.lora_A
+then differ by 9.8e-6 of max|g| at step 2 and 1.76e-5 at step 3 (over the 1e-5 bound). From TRL's weights
+(lock-step) the same steps agree to 3.6e-7 (step 2) and 4.3e-7 (step 3), with the logs at <= 15% of their allowance
+(4 threads: free 1.78e-5, lock-step 8.6e-7): rounding amplified through the update, not a computation difference.
+Lock-step keeps the proof: step-1 gradients equal TRL's within the bound, our optimizer turns TRL's gradients into
+TRL's adapter exactly (checked bitwise every step and in the saved adapter), and every later step's gradients,
+computed at TRL's weights, equal TRL's within the bound.
 
 DPO uses no second model: the reference is the policy with its adapters switched off (TRL: `use_adapter(model,
 None)`; ours: `lora.disable_adapters`).
@@ -164,13 +178,15 @@ def adamw_replay(initial: dict[str, torch.Tensor], grads: list[dict[str, torch.T
 
 
 def assert_final_adapter(trl_run: TrlRun, ours: dict) -> None:
-    """Each side's final adapter is exactly fused AdamW over its own clipped grads and logged learning rates.
+    """Each side's final adapter is exactly fused AdamW over the clipped grads its optimizer got (ours: our own
+    grads, or TRL's in a lock-step run) and its logged learning rates.
 
     With the per-step gradients already shown equal to TRL's (1e-5) and the initial adapters bit-identical, this
-    pins the rest: our optimizer update is TRL's, and our saved adapter is exactly what it produced. The two final
-    adapters are NOT compared entry by entry at 1e-5: at lora_A's first non-zero gradient (step 2; step 1's is 0)
+    pins the rest: our optimizer update is TRL's, and our saved adapter is exactly what it produced (in lock-step
+    that makes it TRL's final adapter bit for bit, checked). The two final adapters of a free run are NOT compared
+    entry by entry at 1e-5: at lora_A's first non-zero gradient (step 2; step 1's is 0)
     Adam moves each entry by lr * g / (|g| + 1e-8), so an entry with |g| ~ 1e-8 turns the last-bit rounding of g
-    (1e-7 of the tensor's max, a 0.3% change of that g) into a visible change of its update (seen: DPO, one of
+    (1e-7 of the tensor's max, a 0.3% change of that g) into a visible change of its update (seen in a free DPO run: one of
     512 entries of one lora_A, 1.9e-6 apart = 1.4e-5 of the tensor's max; replaying each side's grads reproduces
     each side's adapter bit for bit).
     """
@@ -180,9 +196,12 @@ def assert_final_adapter(trl_run: TrlRun, ours: dict) -> None:
     assert all(torch.equal(trl_replayed[name], value) for name, value in trl_final.items())
     our_lrs = [log["learning_rate"] for log in ours["result"].logs]
     assert our_lrs == trl_run.learning_rates
-    our_replayed = adamw_replay(ours["initial"], ours["grads"], our_lrs)
+    our_replayed = adamw_replay(ours["initial"], ours["applied"], our_lrs)
     assert set(ours["final"]) == set(trl_final)
     assert all(torch.equal(our_replayed[name], value) for name, value in ours["final"].items())
+    if ours["applied"] is not ours["grads"]:  # lock-step: our optimizer got TRL's grads, so it made TRL's adapter
+        differ = [name for name, value in trl_final.items() if not torch.equal(ours["final"][name], value)]
+        assert not differ, f"lock-step final adapter differs from TRL's: {differ}"
     # The adapters did train: B moved off 0.
     assert all(value.any() for name, value in ours["final"].items() if ".lora_B." in name)
 
@@ -224,17 +243,25 @@ def run_trl_sft_peft(model_dir: Path, tokenizer, rows: list[dict], peft, **overr
 
 
 def run_ours(method: str, model_dir: Path, tokenizer_dir: Path, data_file: Path, output_dir: Path, steps: int,
-             max_grad_norm: float, dropout: float = 0.0, extra: list[str] | None = None) -> dict:
-    """`train(parse_config(...))` with the LoRA flags; records the clipped grads and the initial adapter."""
+             max_grad_norm: float, dropout: float = 0.0, extra: list[str] | None = None,
+             lockstep_grads: list[dict[str, torch.Tensor]] | None = None) -> dict:
+    """`train(parse_config(...))` with the LoRA flags; records the clipped grads, the adapter each step starts
+    from and the initial adapter. With `lockstep_grads` (TRL's clipped grads per step, under our names) the
+    optimizer gets those instead of ours (module docstring, "DPO lock-step"); "applied" is what it got."""
     grads: list[dict[str, torch.Tensor]] = []
-    initial: dict[str, torch.Tensor] = {}
+    states_before: list[dict[str, torch.Tensor]] = []
     trainable: list[set[str]] = []
 
     def hook(step: int, model: torch.nn.Module) -> None:
-        if step == 1:  # before step 1's optimizer.step(): the initial weights
-            initial.update({k: v.detach().clone() for k, v in lora_parameters(model).items()})
+        # After clipping, before optimizer.step(): the weights are those this step's gradients were taken at.
+        states_before.append({k: v.detach().clone() for k, v in lora_parameters(model).items()})
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         trainable.append({n for n, p in model.named_parameters() if p.requires_grad})
+        if lockstep_grads is not None:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if param.grad is not None:
+                        param.grad.copy_(lockstep_grads[step - 1][name])
 
     flags = [
         "--method", method, "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(tokenizer_dir),
@@ -248,7 +275,8 @@ def run_ours(method: str, model_dir: Path, tokenizer_dir: Path, data_file: Path,
     result = train(parse_config(flags), step_hook=hook)
     final = load_file(str(output_dir / "adapter_model.safetensors"))
     final = {k.removeprefix("base_model.model."): v for k, v in final.items()}
-    return dict(result=result, grads=grads, initial=initial, trainable=trainable, final=final)
+    return dict(result=result, grads=grads, initial=states_before[0], states_before=states_before,
+                trainable=trainable, final=final, applied=grads if lockstep_grads is None else lockstep_grads)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -289,7 +317,8 @@ def sft_pair(workdir, tokenizer, tokenizer_dir, smollm3_dir):
 
 @pytest.fixture(scope="module")
 def dpo_pair(workdir, tokenizer, tokenizer_dir, llama_dir):
-    """LoRA DPO (sigmoid) on Llama, reference = adapters off: TRL's run and ours, plus our DPOMethod."""
+    """LoRA DPO (sigmoid) on Llama, reference = adapters off: TRL's run and ours lock-step with it (module
+    docstring), plus our DPOMethod."""
     trl_run = run_trl_dpo(
         llama_dir, tokenizer, Dataset.from_list(dpo_rows()), peft_config=peft_config(0.0),
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=DPO_STEPS, learning_rate=LR,
@@ -305,7 +334,8 @@ def dpo_pair(workdir, tokenizer, tokenizer_dir, llama_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(DPOMethod, "loss", loss)
         ours = run_ours("dpo", llama_dir, tokenizer_dir, write_jsonl(workdir / "dpo.jsonl", dpo_rows()),
-                        workdir / "out_dpo", DPO_STEPS, DPO_MAX_GRAD_NORM, extra=["--beta", str(DPO_BETA)])
+                        workdir / "out_dpo", DPO_STEPS, DPO_MAX_GRAD_NORM, extra=["--beta", str(DPO_BETA)],
+                        lockstep_grads=[{our_name(k): v for k, v in step.items()} for step in trl_run.grads])
     ours["method"] = methods[0]
     return trl_run, ours
 
@@ -439,9 +469,17 @@ def test_dpo_lora_logs_match_trl_every_step(dpo_pair):
 
 
 def test_dpo_lora_clipped_grads_and_final_adapter_match_trl(dpo_pair):
-    """Per-step clipped adapter gradients (the only gradients) match TRL's (1e-5); each final adapter is exactly
-    fused AdamW over its side's grads (`assert_final_adapter`)."""
+    """Lock-step (module docstring): every step starts from TRL's adapter bit for bit, and there the clipped
+    adapter gradients (the only gradients) match TRL's (1e-5); each final adapter is exactly fused AdamW over the
+    grads its optimizer got, so ours is TRL's bit for bit (`assert_final_adapter`)."""
     trl_run, ours = dpo_pair
+    assert len(ours["states_before"]) == len(trl_run.states_before) == DPO_STEPS
+    for step, (trl_state, our_state) in enumerate(zip(trl_run.states_before, ours["states_before"], strict=True),
+                                                   start=1):
+        trl_adapter = adapter_state(trl_state)
+        assert set(our_state) == set(trl_adapter)
+        differ = [name for name, value in trl_adapter.items() if not torch.equal(our_state[name], value)]
+        assert not differ, f"adapter before step {step} differs from TRL's: {differ}"
     worst = 0.0
     for step, (trl_grads, our_grads) in enumerate(zip(trl_run.grads, ours["grads"], strict=True), start=1):
         assert all(".lora_A." in n or ".lora_B." in n for n in our_grads)
