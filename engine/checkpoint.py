@@ -50,6 +50,8 @@ class TrainingState:
     total_steps: int = 0
     loss_since_log: float = 0.0  # sum of the step losses since the last log
     steps_since_log: int = 0
+    best_metric: float | None = None  # --metric_for_best_model's best value so far, and the checkpoint that has it
+    best_model_checkpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -169,7 +171,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Acceler
             (folder / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")  # last: marks complete
 
         atomic_directory(final, write)
-        prune_checkpoints(output_dir, config.save_total_limit)
+        prune_checkpoints(output_dir, config.save_total_limit, spare=state.best_model_checkpoint)
     accelerator.wait_for_everyone()
     return final
 
@@ -185,10 +187,13 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
     return state
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None, spare: str | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and `spare` (the best model's, as transformers keeps it)."""
     if keep is None or keep < 1:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
+        if spare is not None and old == Path(spare):
+            continue
         # The completion marker goes first: a run killed mid-delete leaves a folder `latest` ignores, not a
         # half-deleted one that still looks complete.
         (old / STATE_FILE).unlink(missing_ok=True)

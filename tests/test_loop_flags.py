@@ -1,0 +1,173 @@
+"""The TRL loop flags applied by engine/loop.py (issue 10, phase 2), each through the CLI or train() on a tiny
+model: the Hub preflight, model card and push; evaluation / saving / logging schedules; the best model;
+trainer_state.json; drop_last and data_seed."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train as cli
+from engine import hub
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("loop_flags")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    rows = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 2))}]}
+            for i in range(12)]
+    (root / "data").mkdir()
+    for split, part in (("train", rows[:9]), ("test", rows[9:])):
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root
+
+
+def sft(assets, out: str, *extra: str) -> list[str]:
+    return ["--method", "sft", "--model_name_or_path", str(assets / "model"), "--dataset_name", str(assets / "data"),
+            "--output_dir", str(assets / out), "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+            "--disable_tqdm", "--bf16", "false", *extra]
+
+
+def records(assets, out: str) -> list[dict]:
+    return [json.loads(line) for line in (assets / out / "metrics.jsonl").read_text().splitlines()]
+
+
+class RecordingApi:
+    """huggingface_hub.HfApi's methods that preflight and push call, recorded instead of sent."""
+
+    calls: list = []
+
+    def __init__(self, endpoint=None, token=None):
+        pass
+
+    def whoami(self, token=None):
+        return {"name": "me"}
+
+    def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False):
+        RecordingApi.calls.append(("create_repo", repo_id))
+
+    def create_branch(self, repo_id, *, branch, token=None, exist_ok=False):
+        RecordingApi.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, revision, ignore_patterns, token):
+        from pathlib import Path
+
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        RecordingApi.calls.append(("upload_folder", repo_id, files))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc")
+
+
+# ---------------------------------------------------------------------- 5. Hub: preflight, model card, push
+
+def test_push_to_hub_checks_first_then_uploads_the_folder_with_its_card(assets, monkeypatch, capsys):
+    """--push_to_hub: the repo is created before step 1 and the final folder (model, tokenizer, README.md model
+    card, metrics) is uploaded once after the final save."""
+    RecordingApi.calls = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_reachable", lambda endpoint: None)
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingApi)
+    assert cli.main(sft(assets, "pushed", "--max_steps", "2", "--push_to_hub", "--hub_model_id", "you/tiny-sft",
+                        "--hub_token", "hf_x", "--hub_strategy", "end", "--save_steps", "1")) == 0
+    assert [c[:2] for c in RecordingApi.calls] == [("create_repo", "you/tiny-sft"), ("upload_folder", "you/tiny-sft")]
+    uploaded = RecordingApi.calls[1][2]
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"} <= set(uploaded)
+    card = (assets / "pushed" / "README.md").read_text()
+    assert "base_model: " + str(assets / "model") in card and "# you/tiny-sft" in card and "train_loss" in card
+    assert "pushed " in capsys.readouterr().out
+
+
+def test_push_preflight_fails_before_training(assets, monkeypatch, capsys):
+    """HF_HUB_OFFLINE=1 with --push_to_hub: one line, exit 2, and no model was trained (no metrics.jsonl)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(sft(assets, "offline", "--max_steps", "2", "--push_to_hub", "--hub_token", "hf_x")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --push_to_hub: HF_HUB_OFFLINE=1 is set")
+    assert not (assets / "offline" / "metrics.jsonl").exists()
+
+
+def test_every_run_writes_a_model_card_and_push_false_with_an_id_pushes_nothing(assets, monkeypatch, capsys):
+    """The course YAML: hub_model_id with push_to_hub false is accepted, nothing is pushed, the card is written."""
+    monkeypatch.setattr("huggingface_hub.HfApi", None)  # any Hub call would fail
+    assert cli.main(sft(assets, "nopush", "--max_steps", "1", "--push_to_hub", "false", "--hub_model_id",
+                        "you/tiny", "--save_steps", "0")) == 0
+    assert "nothing is pushed to you/tiny" in capsys.readouterr().out
+    assert (assets / "nopush" / "README.md").read_text().startswith("---\nbase_model: ")
+    assert cli.main(sft(assets, "nopush2", "--max_steps", "1", "--hub_model_id", "you/tiny")) == 2
+    assert "add --push_to_hub" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- 1. evaluation / saving / logging schedules
+# 9 training rows, batch 2: 5 micro-batches = 5 optimizer steps per epoch; --max_steps 7 ends inside epoch 2.
+
+def checkpoints(assets, out: str) -> list[str]:
+    return sorted((p.name for p in (assets / out).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_strategies_steps_epoch_and_ratios(assets):
+    """logging by epoch (+ first step, + nanopost's last-step record): steps 1, 5, 7. --eval_steps 0.5 of 7 steps
+    = every ceil(3.5) = 4 steps, and the last step (as transformers): 4, 7. --save_strategy epoch: checkpoint-5."""
+    assert cli.main(sft(assets, "sched", "--max_steps", "7", "--logging_strategy", "epoch", "--logging_first_step",
+                        "--eval_strategy", "steps", "--eval_steps", "0.5", "--save_strategy", "epoch")) == 0
+    logged = records(assets, "sched")
+    assert [r["step"] for r in logged if "loss" in r] == [1, 5, 7]
+    assert [r["step"] for r in logged if "eval_loss" in r] == [4, 7]
+    assert checkpoints(assets, "sched") == ["checkpoint-5"]
+
+
+def test_eval_on_start_eval_delay_in_epochs_and_no_logging(assets):
+    """--eval_on_start: a record at step 0. --eval_strategy epoch with --eval_delay 1: not before epoch 1, so at
+    the end of epoch 1 (step 5) and the last step (7). --logging_strategy no: no training records;
+    --save_strategy no: no checkpoint although --save_steps 1."""
+    assert cli.main(sft(assets, "delay", "--max_steps", "7", "--eval_on_start", "--eval_strategy", "epoch",
+                        "--eval_delay", "1", "--logging_strategy", "no", "--save_strategy", "no",
+                        "--save_steps", "1")) == 0
+    logged = records(assets, "delay")
+    assert [r["step"] for r in logged] == [0, 5, 7] and all("eval_loss" in r for r in logged)
+    assert checkpoints(assets, "delay") == []
+
+
+def test_explicit_eval_strategy_no_never_evaluates(assets):
+    """TRL's meaning: --eval_strategy no evaluates nothing, although the data has a test split (without the flag,
+    nanopost evaluates the last step: tests/test_engine_run.py)."""
+    assert cli.main(sft(assets, "noeval", "--max_steps", "2", "--eval_strategy", "no", "--save_steps", "0")) == 0
+    assert not [r for r in records(assets, "noeval") if "eval_loss" in r]
+
+
+# ---------------------------------------------------------------------- 2. the best model
+
+def test_load_best_model_at_end_takes_the_best_checkpoints_weights(assets):
+    """Evaluate and save every step for 4 steps; --greater_is_better true on the loss makes an early, worse
+    checkpoint the "best" one, so the final weights must be that checkpoint's, not the last step's.
+    --save_total_limit 1 keeps the newest checkpoint and spares the best (as transformers)."""
+    from safetensors.torch import load_file
+
+    assert cli.main(sft(assets, "best", "--max_steps", "4", "--learning_rate", "1e-2", "--eval_strategy", "steps",
+                        "--eval_steps", "1", "--save_steps", "1", "--load_best_model_at_end", "--greater_is_better",
+                        "true", "--save_total_limit", "1")) == 0
+    evals = [r for r in records(assets, "best") if "eval_loss" in r]
+    best = max(evals, key=lambda r: r["eval_loss"])["step"]
+    assert best < 4, "the loss should fall, so the largest eval_loss is before the last step"
+    final = load_file(str(assets / "best" / "model.safetensors"))
+    chosen = load_file(str(assets / "best" / f"checkpoint-{best}" / "model.safetensors"))
+    assert all(torch.equal(final[k], chosen[k]) for k in chosen)
+    assert set(checkpoints(assets, "best")) == {f"checkpoint-{best}", "checkpoint-4"}
+
+
+def test_save_strategy_best_saves_only_improvements(assets):
+    """--save_strategy best (metric: the loss, lower is better): a checkpoint exactly at each step whose
+    eval_loss beat every earlier one; never at the last step (that state is the final model)."""
+    assert cli.main(sft(assets, "savebest", "--max_steps", "4", "--learning_rate", "1e-2", "--eval_strategy",
+                        "steps", "--eval_steps", "1", "--save_strategy", "best")) == 0
+    evals = [r for r in records(assets, "savebest") if "eval_loss" in r]
+    expected, best = [], float("inf")
+    for r in evals:
+        if r["eval_loss"] < best:
+            best = r["eval_loss"]
+            if r["step"] < 4:
+                expected.append(f"checkpoint-{r['step']}")
+    assert checkpoints(assets, "savebest") == expected and expected
