@@ -138,6 +138,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     check_finite_weights(accelerator, policy, state.global_step, run.last_checkpoint)
     setup.save_final_model(config, accelerator, policy, tokenizer, output_dir)
     if accelerator.is_main_process:
+        ckpt.write_trainer_state_of(output_dir, state, config, output_dir)
         _publish(config, output_dir, repo_id, logs, final_metrics)
         print(f"[nanopost] done: {state.global_step} steps in {time.time() - started:.0f}s; model in {output_dir}",
               flush=True)

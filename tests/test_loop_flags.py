@@ -171,3 +171,41 @@ def test_save_strategy_best_saves_only_improvements(assets):
             if r["step"] < 4:
                 expected.append(f"checkpoint-{r['step']}")
     assert checkpoints(assets, "savebest") == expected and expected
+
+
+# ---------------------------------------------------------------------- 4. trainer_state.json and Trainer checkpoints
+
+def test_trainer_state_json_loads_in_transformers_and_resume_uses_our_own_file(assets):
+    """Each checkpoint and the output folder hold a trainer_state.json that transformers' TrainerState loads, with
+    the run's step, max_steps and log history (metrics.jsonl); the resume bookkeeping is nanopost_state.json, and
+    resuming from checkpoint-2 continues to the same step count."""
+    from transformers import TrainerState
+
+    assert cli.main(sft(assets, "tstate", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "2")) == 0
+    folder = assets / "tstate" / "checkpoint-2"
+    state = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+    assert (state.global_step, state.max_steps, [r["step"] for r in state.log_history]) == (2, 3, [1, 2])
+    assert json.loads((folder / "nanopost_state.json").read_text())["micro_batches_seen"] == 2
+    final = TrainerState.load_from_json(str(assets / "tstate" / "trainer_state.json"))
+    assert final.global_step == 3 and final.log_history == records(assets, "tstate")
+    assert cli.main(sft(assets, "tstate", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "2",
+                        "--resume_from_checkpoint", str(folder))) == 0
+    assert [r["step"] for r in records(assets, "tstate")] == [1, 2, 3, 3]  # 3's train record, then its eval
+
+
+def test_a_trainer_checkpoint_is_refused_saying_what_it_is(assets, tmp_path, capsys):
+    """A folder as transformers' Trainer writes it (TrainerState.save_to_json, optimizer.pt, weights): one line
+    naming it a Trainer checkpoint at its step, never "a None checkpoint"."""
+    import shutil
+
+    from transformers import TrainerState
+
+    folder = tmp_path / "checkpoint-50"
+    shutil.copytree(assets / "model", folder)
+    TrainerState(global_step=50, epoch=1.0, log_history=[{"loss": 1.0, "step": 50}]).save_to_json(
+        str(folder / "trainer_state.json"))
+    (folder / "optimizer.pt").write_bytes(b"")
+    assert cli.main(sft(assets, "fromtrl", "--max_steps", "1", "--resume_from_checkpoint", str(folder))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a transformers/TRL Trainer checkpoint at step 50" in err[0]
+    assert "None" not in err[0]
