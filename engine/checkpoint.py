@@ -169,6 +169,10 @@ def write_trainer_state_of(folder: Path, state: TrainingState, config: TrainConf
 def check_resume_compatible(folder: Path, method: str, model_name_or_path: str | None) -> None:
     """Refuse to continue a checkpoint of another method or another starting model."""
     saved = TrainingState.from_dict(read_state(folder))
+    if not (folder / "optimizer.pt").is_file():
+        raise UserError(f"--resume_from_checkpoint {folder}: it was saved with --save_only_model (weights only, no "
+                        f"optimizer, schedule or RNG state), so it cannot be resumed; start a new run from its "
+                        f"weights with --model_name_or_path {folder}")
     if saved.method != method:
         raise UserError(
             f"--resume_from_checkpoint {folder}: it is a {saved.method} checkpoint but this run is "
@@ -191,9 +195,10 @@ def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Acceler
         def write(folder: Path) -> None:
             save_model_files(config.use_peft, plain_model(accelerator, model), tokenizer, folder,
                              state_dict=state_dict)
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            torch.save(rng_state(), folder / "rng_state.pth")
+            if not config.save_only_model:  # --save_only_model: the weights alone (not resumable)
+                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+                torch.save(rng_state(), folder / "rng_state.pth")
             (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
             (folder / NANOPOST_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
             write_trainer_state_of(folder, state, config, output_dir)  # last: marks complete

@@ -209,3 +209,16 @@ def test_a_trainer_checkpoint_is_refused_saying_what_it_is(assets, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a transformers/TRL Trainer checkpoint at step 50" in err[0]
     assert "None" not in err[0]
+
+
+def test_save_only_model_checkpoints_hold_weights_only_and_refuse_resume(assets, capsys):
+    """--save_only_model: checkpoint-2 has the model but no optimizer.pt / scheduler.pt / rng_state.pth, and
+    resuming from it stops with one line saying why (the optimizer state to continue exactly is missing)."""
+    assert cli.main(sft(assets, "onlymodel", "--max_steps", "2", "--save_steps", "2", "--save_only_model")) == 0
+    folder = assets / "onlymodel" / "checkpoint-2"
+    assert (folder / "model.safetensors").is_file()
+    assert not [n for n in ("optimizer.pt", "scheduler.pt", "rng_state.pth") if (folder / n).exists()]
+    capsys.readouterr()
+    assert cli.main(sft(assets, "onlymodel", "--max_steps", "3", "--resume_from_checkpoint", str(folder))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved with --save_only_model" in err[0]
