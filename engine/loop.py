@@ -108,8 +108,13 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     set_seed(config.seed)
 
     train_examples, eval_examples = _prepare_data(config, method, accelerator)
-    order = DataOrder(len(train_examples), config.per_device_train_batch_size, config.seed,
-                      accelerator.num_processes, accelerator.process_index)
+    data_seed = config.seed if config.data_seed is None else config.data_seed  # the order's seed; init keeps --seed
+    order = DataOrder(len(train_examples), config.per_device_train_batch_size, data_seed,
+                      accelerator.num_processes, accelerator.process_index, config.dataloader_drop_last)
+    if order.micro_batches_per_epoch == 0:
+        raise UserError(f"--dataloader_drop_last: the {len(train_examples)} training examples do not fill one batch "
+                        f"of {config.per_device_train_batch_size * accelerator.num_processes}; lower "
+                        "--per_device_train_batch_size or drop --dataloader_drop_last")
     steps_per_epoch = max(math.ceil(order.micro_batches_per_epoch / config.gradient_accumulation_steps), 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     # What accelerate prepares: the decoder with the lean LM head as its forward (engine/forward.py); `model` stays

@@ -133,8 +133,6 @@ RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_
 
 # TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
 AWAITING_LOOP: dict[str, str] = {
-    "dataloader_drop_last": "loop: micro_batches_of_epoch drops the last partial batch",
-    "data_seed": "loop: epoch_order(seed=config.data_seed or config.seed)",
     "group_by_length": "loop: length-grouped batches",
     "optim": "loop: engine.optim.build_optimizer", "optim_args": "loop: engine.optim.build_optimizer",
     "lr_scheduler_kwargs": "loop: build_scheduler passes the kwargs",

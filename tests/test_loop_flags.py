@@ -222,3 +222,30 @@ def test_save_only_model_checkpoints_hold_weights_only_and_refuse_resume(assets,
     assert cli.main(sft(assets, "onlymodel", "--max_steps", "3", "--resume_from_checkpoint", str(folder))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "saved with --save_only_model" in err[0]
+
+
+# ---------------------------------------------------------------------- 3. drop_last and data_seed
+
+def test_dataloader_drop_last_drops_the_short_last_batch(assets):
+    """9 rows in batches of 2: 5 micro-batches an epoch (the last holds 1 row), 4 with --dataloader_drop_last, so
+    one epoch is 4 optimizer steps instead of 5, and it ends at epoch 1.0 exactly."""
+    assert cli.main(sft(assets, "droplast", "--num_train_epochs", "1", "--logging_steps", "1", "--save_steps", "0",
+                        "--dataloader_drop_last")) == 0
+    train_records = [r for r in records(assets, "droplast") if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4] and train_records[-1]["epoch"] == 1.0
+
+
+def test_data_seed_sets_the_data_order_and_seed_the_rest(assets, monkeypatch):
+    """--data_seed 11 with --seed 3: every epoch's order is drawn from 11 (+ epoch), as transformers' data_seed;
+    without --data_seed it is --seed's. Recorded at engine.data_order.epoch_order."""
+    from engine import data_order
+
+    seeds = []
+    real = data_order.epoch_order
+    monkeypatch.setattr(data_order, "epoch_order", lambda n, seed, epoch: seeds.append(seed) or real(n, seed, epoch))
+    assert cli.main(sft(assets, "dseed", "--max_steps", "6", "--seed", "3", "--data_seed", "11", "--save_steps",
+                        "0")) == 0
+    assert seeds == [11, 11]  # epochs 0 and 1 (6 steps of 5 per epoch)
+    seeds.clear()
+    assert cli.main(sft(assets, "dseed2", "--max_steps", "1", "--seed", "3", "--save_steps", "0")) == 0
+    assert seeds == [3]
