@@ -220,6 +220,10 @@ class TrainConfig:
     use_dora: bool = _doc("DoRA: LoRA plus a learned magnitude per output feature.", default=False)
 
     def __post_init__(self) -> None:
+        for key in ("eval_steps", "save_steps", "logging_steps"):  # 10.0 -> 10; 0.25 stays a ratio of the steps
+            value = getattr(self, key)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, key, int(value))
         self.validate()
 
     # ------------------------------------------------------------------ resolution and validation
@@ -229,9 +233,6 @@ class TrainConfig:
         for key, default in METHOD_DEFAULTS[self.method].items():
             if values[key] is None:
                 values[key] = default
-        for key in ("eval_steps", "save_steps", "logging_steps"):  # 10.0 -> 10; 0.25 stays a ratio
-            if values[key] is not None and float(values[key]).is_integer():
-                values[key] = int(values[key])
         if values["push_to_hub"] is None:
             values["push_to_hub"] = False
         if values["output_dir"] is None:

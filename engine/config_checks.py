@@ -128,8 +128,9 @@ def _validate_loop_flags(config: Any, bad) -> None:
         if config.save_strategy not in (config.eval_strategy, "best"):
             raise bad("load_best_model_at_end", f"needs --save_strategy equal to --eval_strategy "
                       f"({config.eval_strategy}) so that every evaluated model is saved")
-        if config.eval_strategy == "steps" and config.save_steps % (config.eval_steps or 1) != 0:
-            raise bad("save_steps", f"must be a multiple of --eval_steps {config.eval_steps} "
+        eval_steps = config.eval_steps or config.logging_steps  # --eval_steps defaults to --logging_steps
+        if config.eval_strategy == "steps" and config.save_steps % eval_steps != 0:
+            raise bad("save_steps", f"must be a multiple of --eval_steps {eval_steps} "
                       "with --load_best_model_at_end")
     if config.greater_is_better is not None and not best_needs_metric and config.metric_for_best_model is None:
         raise bad("greater_is_better", "needs --metric_for_best_model (or --load_best_model_at_end)")

@@ -249,3 +249,10 @@ def test_data_seed_sets_the_data_order_and_seed_the_rest(assets, monkeypatch):
     seeds.clear()
     assert cli.main(sft(assets, "dseed2", "--max_steps", "1", "--seed", "3", "--save_steps", "0")) == 0
     assert seeds == [3]
+
+
+def test_best_model_needs_every_evaluation_saved_with_the_default_eval_steps(capsys):
+    """--eval_steps not given evaluates every --logging_steps (10): --save_steps 15 would leave evaluated models
+    unsaved, so the best could not be loaded; refused in one line (as transformers)."""
+    assert cli.main(["--eval_strategy", "steps", "--load_best_model_at_end", "--save_steps", "15"]) == 2
+    assert "--save_steps 15: must be a multiple of --eval_steps 10" in capsys.readouterr().err
