@@ -3,7 +3,8 @@
     <output_dir>/checkpoint-<step>/
         model.safetensors, config.json     (or adapter_model.safetensors + adapter_config.json with LoRA)
         optimizer.pt, scheduler.pt, rng_state.pth
-        trainer_state.json                 (global_step, epoch, data position, metric window, method)
+        nanopost_state.json                (ours: global_step, epoch, data position, metric window, method)
+        trainer_state.json                 (transformers' TrainerState, written last: marks the folder complete)
 
 Each checkpoint is written to a `.tmp-checkpoint-<step>` folder and renamed into place only when complete, so a
 run killed while saving leaves the previous checkpoint whole and never a half-written one that looks complete.
@@ -30,8 +31,14 @@ from engine.errors import UserError
 from engine.forward import plain_model
 from engine.setup import full_state_dict, load_model_files, save_model_files
 from engine.tracking import MetricWindow
+from engine.trl_checkpoint import (
+    NANOPOST_STATE_FILE,
+    TRAINER_STATE_FILE,
+    refuse_trainer_checkpoint,
+    write_trainer_state,
+)
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = TRAINER_STATE_FILE  # the completion marker, written last
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -50,6 +57,8 @@ class TrainingState:
     total_steps: int = 0
     loss_since_log: float = 0.0  # sum of the step losses since the last log
     steps_since_log: int = 0
+    best_metric: float | None = None  # --metric_for_best_model's best value so far, and the checkpoint that has it
+    best_model_checkpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -133,13 +142,37 @@ def resolve_resume_path(value: str | None, output_dir: str) -> Path | None:
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's trainer_state.json as written (`TrainingState.from_dict` types it)."""
+    """A checkpoint's resume state as written (`TrainingState.from_dict` types it): nanopost_state.json, or our
+    keys in trainer_state.json (checkpoints written before nanopost_state.json). A transformers/TRL Trainer
+    checkpoint is refused with one line saying what it is."""
+    ours = checkpoint / NANOPOST_STATE_FILE
+    if ours.is_file():
+        return json.loads(ours.read_text())
+    refuse_trainer_checkpoint(checkpoint)
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def write_trainer_state_of(folder: Path, state: TrainingState, config: TrainConfig, output_dir: Path) -> None:
+    """trainer_state.json as transformers' TrainerState writes it; its log_history is metrics.jsonl up to now."""
+    history_file = output_dir / "metrics.jsonl"
+    history = [json.loads(line) for line in history_file.read_text().splitlines() if line] \
+        if history_file.is_file() else []
+    best = state.best_model_checkpoint
+    write_trainer_state(folder, global_step=state.global_step, epoch=state.epoch, max_steps=state.total_steps,
+                        num_train_epochs=config.num_train_epochs, config=config,
+                        log_history=[r for r in history if r.get("step", 0) <= state.global_step],
+                        num_input_tokens_seen=int(state.num_tokens), best_metric=state.best_metric,
+                        best_global_step=int(Path(best).name.split("-")[-1]) if best else None,
+                        best_model_checkpoint=best)
 
 
 def check_resume_compatible(folder: Path, method: str, model_name_or_path: str | None) -> None:
     """Refuse to continue a checkpoint of another method or another starting model."""
     saved = TrainingState.from_dict(read_state(folder))
+    if not (folder / "optimizer.pt").is_file():
+        raise UserError(f"--resume_from_checkpoint {folder}: it was saved with --save_only_model (weights only, no "
+                        f"optimizer, schedule or RNG state), so it cannot be resumed; start a new run from its "
+                        f"weights with --model_name_or_path {folder}")
     if saved.method != method:
         raise UserError(
             f"--resume_from_checkpoint {folder}: it is a {saved.method} checkpoint but this run is "
@@ -162,14 +195,16 @@ def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Acceler
         def write(folder: Path) -> None:
             save_model_files(config.use_peft, plain_model(accelerator, model), tokenizer, folder,
                              state_dict=state_dict)
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-            torch.save(rng_state(), folder / "rng_state.pth")
+            if not config.save_only_model:  # --save_only_model: the weights alone (not resumable)
+                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+                torch.save(rng_state(), folder / "rng_state.pth")
             (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-            (folder / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")  # last: marks complete
+            (folder / NANOPOST_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
+            write_trainer_state_of(folder, state, config, output_dir)  # last: marks complete
 
         atomic_directory(final, write)
-        prune_checkpoints(output_dir, config.save_total_limit)
+        prune_checkpoints(output_dir, config.save_total_limit, spare=state.best_model_checkpoint)
     accelerator.wait_for_everyone()
     return final
 
@@ -185,10 +220,13 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
     return state
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None, spare: str | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and `spare` (the best model's, as transformers keeps it)."""
     if keep is None or keep < 1:
         return
     for old in list_checkpoints(output_dir)[:-keep]:
+        if spare is not None and old == Path(spare):
+            continue
         # The completion marker goes first: a run killed mid-delete leaves a folder `latest` ignores, not a
         # half-deleted one that still looks complete.
         (old / STATE_FILE).unlink(missing_ok=True)

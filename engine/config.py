@@ -136,14 +136,19 @@ class TrainConfig:
     )
 
     # --- evaluation and saving
-    eval_strategy: str = _doc("When to evaluate: no, steps (--eval_steps) or epoch.", default="no")
-    eval_steps: int | None = _doc(
-        "Evaluate on the test split every N steps and at the end (default: only at the end; 0: never).",
+    eval_strategy: str | None = _doc(
+        "When to evaluate: no, steps (--eval_steps) or epoch. Not given: at the end when the data has a test "
+        "split, and every --eval_steps when given (TRL's default 'no' never evaluates; give it to get that).",
+        default=None)
+    eval_steps: float | None = _doc(
+        "Evaluate on the test split every N steps and at the end (default: only at the end; 0: never; "
+        "below 1: a share of the total steps).",
         default=None)
     eval_on_start: bool = _doc("Evaluate once before the first step.", default=False)
     eval_delay: float = _doc("Epochs or steps to wait before the first evaluation.", default=0.0)
     save_strategy: str = _doc("When to save a checkpoint: no, steps, epoch or best.", default="steps")
-    save_steps: int = _doc("Save a checkpoint every N steps (0 disables).", default=500)
+    save_steps: float = _doc("Save a checkpoint every N steps (0 disables; below 1: a share of the total steps).",
+                             default=500)
     save_only_model: bool = _doc("Checkpoints hold the weights only (no optimizer/scheduler; cannot resume).",
                                  default=False)
     load_best_model_at_end: bool = _doc("End with the checkpoint of the best --metric_for_best_model.",
@@ -157,7 +162,8 @@ class TrainConfig:
 
     # --- logging
     logging_strategy: str = _doc("When to log: no, steps (--logging_steps) or epoch.", default="steps")
-    logging_steps: int = _doc("Log metrics every N optimizer steps.", default=10)
+    logging_steps: float = _doc("Log metrics every N optimizer steps (below 1: a share of the total steps).",
+                                default=10)
     logging_first_step: bool = _doc("Also log after the first step.", default=False)
     report_to: list[str] | None = _doc("Trackers: one or more of tensorboard, trackio, wandb; all; or none.",
                                        default=None)
@@ -166,7 +172,9 @@ class TrainConfig:
     disable_tqdm: bool = _doc("Hide the progress bar.", default=False)
 
     # --- Hub
-    push_to_hub: bool = _doc("Upload the final model, tokenizer and model card to the Hub.", default=False)
+    # None: not given (false); an explicit false with --hub_model_id is accepted (the course's YAML), a hub id alone
+    # is refused: it would look like a push that never happens.
+    push_to_hub: bool | None = _doc("Upload the final model, tokenizer and model card to the Hub.", default=None)
     hub_model_id: str | None = _doc("Repo to push to, e.g. you/my-model (default: the output folder's name).",
                                     default=None)
     hub_private_repo: bool | None = _doc("Create the repo private.", default=None)
@@ -212,6 +220,10 @@ class TrainConfig:
     use_dora: bool = _doc("DoRA: LoRA plus a learned magnitude per output feature.", default=False)
 
     def __post_init__(self) -> None:
+        for key in ("eval_steps", "save_steps", "logging_steps"):  # 10.0 -> 10; 0.25 stays a ratio of the steps
+            value = getattr(self, key)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, key, int(value))
         self.validate()
 
     # ------------------------------------------------------------------ resolution and validation
@@ -221,6 +233,8 @@ class TrainConfig:
         for key, default in METHOD_DEFAULTS[self.method].items():
             if values[key] is None:
                 values[key] = default
+        if values["push_to_hub"] is None:
+            values["push_to_hub"] = False
         if values["output_dir"] is None:
             values["output_dir"] = f"output/{self.method}"
         if values["metric_for_best_model"] is None and (self.load_best_model_at_end or self.save_strategy == "best"):

@@ -50,9 +50,8 @@ def validate_config(config: Any) -> None:
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(config, name) < 1:
             raise bad(name, "must be >= 1")
-    for name in ("logging_steps",):
-        if getattr(config, name) < 1:
-            raise bad(name, "must be >= 1")
+    if not config.logging_steps > 0:
+        raise bad("logging_steps", "must be > 0 (below 1: a share of the total steps)")
     for name in ("save_steps", "warmup_steps"):
         if getattr(config, name) < 0:
             raise bad(name, "must be >= 0")
@@ -110,7 +109,7 @@ def validate_config(config: Any) -> None:
 def _validate_loop_flags(config: Any, bad) -> None:
     """Schedules, optimizer, precision, TR-DPO, NEFTune, padding (the flags added for TRL parity, issue 10)."""
     for name in ("eval_strategy", "logging_strategy"):
-        if getattr(config, name) not in INTERVALS:
+        if getattr(config, name) not in INTERVALS and (name, getattr(config, name)) != ("eval_strategy", None):
             raise bad(name, f"must be one of {', '.join(INTERVALS)}")
     if config.save_strategy not in INTERVALS + ("best",):
         raise bad("save_strategy", "must be one of no, steps, epoch, best")
@@ -124,13 +123,14 @@ def _validate_loop_flags(config: Any, bad) -> None:
         raise bad("metric_for_best_model", f"{config.method} evaluation reports "
                   f"{', '.join(EVAL_METRICS[config.method])} (with or without the eval_ prefix)")
     if config.load_best_model_at_end:
-        if config.eval_strategy == "no":
+        if config.eval_strategy in ("no", None):
             raise bad("load_best_model_at_end", "needs evaluation: set --eval_strategy steps or epoch")
         if config.save_strategy not in (config.eval_strategy, "best"):
             raise bad("load_best_model_at_end", f"needs --save_strategy equal to --eval_strategy "
                       f"({config.eval_strategy}) so that every evaluated model is saved")
-        if config.eval_strategy == "steps" and config.save_steps % (config.eval_steps or 1) != 0:
-            raise bad("save_steps", f"must be a multiple of --eval_steps {config.eval_steps} "
+        eval_steps = config.eval_steps or config.logging_steps  # --eval_steps defaults to --logging_steps
+        if config.eval_strategy == "steps" and config.save_steps % eval_steps != 0:
+            raise bad("save_steps", f"must be a multiple of --eval_steps {eval_steps} "
                       "with --load_best_model_at_end")
     if config.greater_is_better is not None and not best_needs_metric and config.metric_for_best_model is None:
         raise bad("greater_is_better", "needs --metric_for_best_model (or --load_best_model_at_end)")
@@ -174,7 +174,7 @@ def _validate_hub_and_tracking(config: Any, bad) -> None:
                   "(--hub_strategy end)")
     hub_flags = [name for name in ("hub_model_id", "hub_token", "hub_private_repo", "hub_revision")
                  if getattr(config, name) is not None]
-    if hub_flags and not config.push_to_hub:
+    if hub_flags and config.push_to_hub is None:  # an explicit false is kept: the YAML may say push_to_hub: false
         raise bad(hub_flags[0], "is only used when pushing; add --push_to_hub")
     if config.hub_model_id is not None and not _is_repo_id(config.hub_model_id):
         raise bad("hub_model_id", "must be a Hub repo id like you/my-model")

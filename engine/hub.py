@@ -47,6 +47,8 @@ def _reachable(endpoint: str) -> str | None:
 def preflight(config, api=None) -> str | None:
     """Fail fast (UserError) when the push at the end could not happen; return the repo id to push to."""
     if not config.push_to_hub:
+        if config.hub_model_id:  # the course's YAML: hub_model_id with push_to_hub: false
+            print(f"[nanopost] push_to_hub is false: nothing is pushed to {config.hub_model_id}", flush=True)
         return None
     if _offline():
         raise UserError("--push_to_hub: HF_HUB_OFFLINE=1 is set, so nothing can be uploaded; "

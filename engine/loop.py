@@ -6,7 +6,7 @@
         for each micro-batch: loss = method.loss(policy, batch, window); backward
         clip, optimizer step, schedule step
         log / evaluate / checkpoint
-    -> final evaluation -> final model (atomically)
+    -> final evaluation -> final model (atomically) -> model card (README.md) -> --push_to_hub upload
 
 What is not the loop lives beside it: the data order (engine/data_order.py), the optimizer, schedule and clipping
 (engine/update.py), evaluation (engine/evaluation.py), checkpoints and the resume state (engine/checkpoint.py),
@@ -31,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from engine import checkpoint as ckpt
-from engine import setup
+from engine import hub, setup
 from engine.checkpoint import TrainingState
 from engine.config import TrainConfig, config_to_dict
 from engine.data_order import DataOrder
@@ -42,6 +42,8 @@ from engine.evaluation import evaluate
 from engine.faults import StopRequest, check_finite, check_finite_weights
 from engine.forward import LeanCausalLM, plain_model
 from engine.method import Method
+from engine.model_card import write_model_card
+from engine.schedule import Schedule
 from engine.tracking import MetricsWriter
 from engine.update import build_optimizer, build_scheduler, clip_gradients
 
@@ -83,6 +85,7 @@ class _Run:
     tokenizer: Any
     writer: MetricsWriter
     step_hook: StepHook | None
+    schedule: Schedule  # when to log, evaluate, save
     last_checkpoint: Path | None  # named in error messages: where to resume from
 
 
@@ -91,6 +94,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     started = time.time()
     output_dir = Path(config.output_dir)
     setup.check_output_dir(output_dir)
+    repo_id = hub.preflight(config)  # --push_to_hub: token, network, repo checked now, not after hours of training
     accelerator = setup.build_accelerator(config)
     set_seed(config.seed)
     resume_from = ckpt.resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
@@ -104,8 +108,13 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     set_seed(config.seed)
 
     train_examples, eval_examples = _prepare_data(config, method, accelerator)
-    order = DataOrder(len(train_examples), config.per_device_train_batch_size, config.seed,
-                      accelerator.num_processes, accelerator.process_index)
+    data_seed = config.seed if config.data_seed is None else config.data_seed  # the order's seed; init keeps --seed
+    order = DataOrder(len(train_examples), config.per_device_train_batch_size, data_seed,
+                      accelerator.num_processes, accelerator.process_index, config.dataloader_drop_last)
+    if order.micro_batches_per_epoch == 0:
+        raise UserError(f"--dataloader_drop_last: the {len(train_examples)} training examples do not fill one batch "
+                        f"of {config.per_device_train_batch_size * accelerator.num_processes}; lower "
+                        "--per_device_train_batch_size or drop --dataloader_drop_last")
     steps_per_epoch = max(math.ceil(order.micro_batches_per_epoch / config.gradient_accumulation_steps), 1)
     total_steps = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps_per_epoch)
     # What accelerate prepares: the decoder with the lean LM head as its forward (engine/forward.py); `model` stays
@@ -125,17 +134,40 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     if accelerator.is_main_process:
         (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
-    run = _Run(config, accelerator, method, policy, optimizer, scheduler, tokenizer, writer, step_hook, resume_from)
+    run = _Run(config, accelerator, method, policy, optimizer, scheduler, tokenizer, writer, step_hook,
+               Schedule.of(config, total_steps), resume_from)
     logs = _run_steps(run, state, order, train_examples, eval_examples)
 
-    final_metrics = _final_evaluation(run, state, order, eval_examples, logs)
+    final_metrics = _final_evaluation(run, state, eval_examples, logs)
+    _load_best_model(run, state)
     check_finite_weights(accelerator, policy, state.global_step, run.last_checkpoint)
     setup.save_final_model(config, accelerator, policy, tokenizer, output_dir)
     if accelerator.is_main_process:
+        ckpt.write_trainer_state_of(output_dir, state, config, output_dir)
+        _publish(config, output_dir, repo_id, logs, final_metrics)
         print(f"[nanopost] done: {state.global_step} steps in {time.time() - started:.0f}s; model in {output_dir}",
               flush=True)
     accelerator.end_training()
     return TrainResult(output_dir, state.global_step, logs, final_metrics, model, tokenizer)
+
+
+def _publish(config: TrainConfig, output_dir: Path, repo_id: str | None, logs: list[dict[str, Any]],
+             final_metrics: dict[str, Any]) -> None:
+    """The model card next to the final model, then (--push_to_hub) the upload of the folder. Main process."""
+    last_train = next((r for r in reversed(logs) if "loss" in r), {})
+    card_metrics = {**({"train_loss": last_train["loss"]} if last_train else {}), **final_metrics}
+    write_model_card(output_dir, config, card_metrics, base_model=config.model_name_or_path,
+                     dataset=setup.dataset_source(config), repo_id=repo_id, versions=_versions())
+    if repo_id is not None:
+        url = hub.push(config, output_dir, repo_id)
+        print(f"[nanopost] pushed {output_dir} to {repo_id}: {url}", flush=True)
+
+
+def _versions() -> dict[str, str]:
+    """Framework versions for the model card (the ones a reader needs to load the model)."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _resume(folder: Path, fresh: TrainingState, accelerator: Accelerator, model, optimizer, scheduler,
@@ -174,6 +206,8 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
     progress = tqdm(total=state.total_steps, initial=state.global_step, desc=f"{config.method}", unit="step",
                     disable=config.disable_tqdm or not accelerator.is_main_process, dynamic_ncols=True)
     with StopRequest() as stop:
+        if eval_examples and config.eval_on_start and state.global_step == 0:
+            _evaluate_now(run, state, eval_examples, logs)
         while state.global_step < state.total_steps:
             # The window: the next `ga` micro-batches, but never across an epoch's end (as transformers does).
             epoch_of_window, in_epoch = divmod(state.micro_batches_seen, per_epoch)
@@ -187,17 +221,20 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
             state.steps_since_log += 1
             state.epoch = epoch_of_window + (in_epoch + window_size) / per_epoch
 
-            if state.global_step % config.logging_steps == 0 or state.global_step == state.total_steps:
+            step, last, epoch_ended = state.global_step, state.global_step == state.total_steps, \
+                in_epoch + window_size == per_epoch
+            if run.schedule.log(step, epoch_ended):
                 logs.append(_log(run, state, grad_norm, learning_rate))
                 progress.set_postfix(loss=f"{logs[-1]['loss']:.4f}")
-            if eval_examples and config.eval_steps and state.global_step % config.eval_steps == 0:
-                metrics = evaluate(run.method, run.model, eval_examples, config.per_device_eval_batch_size, accelerator)
-                logs.append({"step": state.global_step, "epoch": state.epoch, **metrics})
-                run.writer.write(logs[-1])
-                run.model.train()
+            improved = False
+            if eval_examples and not last and run.schedule.evaluate(step, state.epoch, epoch_ended):
+                improved = _evaluate_now(run, state, eval_examples, logs)  # the last step's: _final_evaluation
 
-            stop_now = state.global_step < state.total_steps and stop.agreed(accelerator)
-            if (config.save_steps and state.global_step % config.save_steps == 0) or stop_now:
+            stop_now = not last and stop.agreed(accelerator)
+            save = run.schedule.save(step, epoch_ended, improved)
+            if save and improved:  # recorded before the save, so the checkpoint's own state names it
+                state.best_model_checkpoint = str(Path(config.output_dir) / f"checkpoint-{step}")
+            if save or stop_now:
                 check_finite_weights(accelerator, run.model, state.global_step, run.last_checkpoint)
                 run.last_checkpoint = ckpt.save_checkpoint(Path(config.output_dir), state, accelerator, run.model,
                                                            run.optimizer, run.scheduler, config, run.tokenizer)
@@ -211,17 +248,46 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
     return logs
 
 
-def _final_evaluation(run: _Run, state: TrainingState, order: DataOrder, eval_examples: list | None,
+def _final_evaluation(run: _Run, state: TrainingState, eval_examples: list | None,
                       logs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Evaluate after the last step unless --eval_steps 0 or that step was just evaluated; log it."""
-    config = run.config
-    if not eval_examples or config.eval_steps == 0 or (config.eval_steps and state.global_step % config.eval_steps == 0):
+    """The last step's evaluation, when the schedule has one (engine/schedule.py); logged, and returned."""
+    if not eval_examples or not run.schedule.evaluate(state.global_step, state.epoch, epoch_ended=True):
         return {}
+    if _evaluate_now(run, state, eval_examples, logs):
+        state.best_model_checkpoint = None  # the final weights are the best: nothing to load
+    return {k: v for k, v in logs[-1].items() if k.startswith("eval_")}
+
+
+def _evaluate_now(run: _Run, state: TrainingState, eval_examples: list, logs: list[dict[str, Any]]) -> bool:
+    """Evaluate on the held-out split, write the record, return to training mode. Returns whether the metric for
+    the best model (--metric_for_best_model, when set) improved; state.best_metric follows it."""
+    config = run.config
     metrics = evaluate(run.method, run.model, eval_examples, config.per_device_eval_batch_size, run.accelerator)
-    record = {"step": state.global_step, "epoch": state.micro_batches_seen / order.micro_batches_per_epoch, **metrics}
-    run.writer.write(record)
-    logs.append(record)
-    return metrics
+    logs.append({"step": state.global_step, "epoch": state.epoch, **metrics})
+    run.writer.write(logs[-1])
+    run.model.train()
+    if config.metric_for_best_model is None:
+        return False
+    value = metrics["eval_" + config.metric_for_best_model.removeprefix("eval_")]
+    better = state.best_metric is None or (value > state.best_metric if config.greater_is_better
+                                           else value < state.best_metric)
+    if better:
+        state.best_metric = value
+    return better
+
+
+def _load_best_model(run: _Run, state: TrainingState) -> None:
+    """--load_best_model_at_end: the final model takes the weights of the best evaluated checkpoint."""
+    if not run.config.load_best_model_at_end or state.best_model_checkpoint is None:
+        return
+    best = Path(state.best_model_checkpoint)
+    if not best.is_dir():
+        raise UserError(f"--load_best_model_at_end: the best checkpoint {best} is gone (deleted by "
+                        "--save_total_limit?); the last checkpoint is " + str(run.last_checkpoint))
+    setup.load_model_files(run.config.use_peft, plain_model(run.accelerator, run.model), best)
+    if run.accelerator.is_main_process:
+        print(f"[nanopost] loaded the best model ({run.config.metric_for_best_model} = {state.best_metric:.6g}) "
+              f"from {best}", flush=True)
 
 
 def _accumulate_gradients(run: _Run, state: TrainingState, batches: list[dict[str, Any]]) -> float:

@@ -221,12 +221,18 @@ def adapter_base_model(adapter_dir: Path) -> str:
     return str(base)
 
 
-def load_datasets(config: TrainConfig):
+def dataset_source(config: TrainConfig) -> str:
+    """--dataset_name, or the bundled data of the method when none is given."""
     from data.defaults import DEFAULT_DPO_DATASET, DEFAULT_SFT_DATASET
+
+    return config.dataset_name or str(DEFAULT_SFT_DATASET if config.method == "sft" else DEFAULT_DPO_DATASET)
+
+
+def load_datasets(config: TrainConfig):
     from data.loading import load_dataset_splits
 
-    name = config.dataset_name or str(DEFAULT_SFT_DATASET if config.method == "sft" else DEFAULT_DPO_DATASET)
-    return load_dataset_splits(name, config.dataset_config, config.dataset_train_split, config.dataset_test_split)
+    return load_dataset_splits(dataset_source(config), config.dataset_config, config.dataset_train_split,
+                               config.dataset_test_split)
 
 
 # ---------------------------------------------------------------------- writing models

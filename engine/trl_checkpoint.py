@@ -6,7 +6,7 @@ like TRL's and a TRL checkpoint given to --resume_from_checkpoint is recognised 
     refuse_trainer_checkpoint(folder)  --resume_from_checkpoint: one line saying what a Trainer checkpoint is
 
 nanopost's own resume bookkeeping (data position, metric window, method) lives in a file of its own
-(`NANOPOST_STATE_FILE`, phase 2 of issue 9), so trainer_state.json can hold exactly TrainerState's fields.
+(`NANOPOST_STATE_FILE`, written by engine/checkpoint.py), so trainer_state.json can hold exactly TrainerState's fields.
 """
 
 from __future__ import annotations

@@ -133,11 +133,6 @@ RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_
 
 # TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
 AWAITING_LOOP: dict[str, str] = {
-    **{name: "loop: evaluation / saving / logging schedule (engine.schedule)" for name in (
-        "eval_strategy", "save_strategy", "logging_strategy", "eval_on_start", "eval_delay", "logging_first_step",
-        "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "save_only_model")},
-    "dataloader_drop_last": "loop: micro_batches_of_epoch drops the last partial batch",
-    "data_seed": "loop: epoch_order(seed=config.data_seed or config.seed)",
     "group_by_length": "loop: length-grouped batches",
     "optim": "loop: engine.optim.build_optimizer", "optim_args": "loop: engine.optim.build_optimizer",
     "lr_scheduler_kwargs": "loop: build_scheduler passes the kwargs",
@@ -153,8 +148,6 @@ AWAITING_LOOP: dict[str, str] = {
     "ref_model_sync_steps": "loop: engine.ref_sync.sync_reference",
     "lora_task_type": "lora: adapter_config.json task_type", "lora_modules_to_save": "lora: trainable copies",
     "use_dora": "lora: DoRA magnitude vector",
-    **{name: "loop: engine.hub.preflight before training, engine.hub.push after saving" for name in (
-        "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "hub_strategy", "hub_revision")},
 }
 
 
