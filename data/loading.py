@@ -247,20 +247,21 @@ def _check_json_types(file: Path, text: str) -> None:
                 walk(item, f"{field}[]", row)
 
     for row, values in enumerate(rows):
-        walk(values, "", row)
+        for key, value in values.items():
+            walk(value, key, row)
 
 
-def _json_rows(text: str) -> list | None:
+def _json_rows(text: str) -> list[dict] | None:
     """The rows of JSON lines or a JSON array of objects; None when the text is neither."""
     try:
         whole = json.loads(text)
-        return whole if isinstance(whole, list) else None if not isinstance(whole, dict) else [whole]
+        rows = whole if isinstance(whole, list) else [whole]
     except json.JSONDecodeError:
-        pass
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError:
-        return None
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            return None
+    return rows if all(isinstance(row, dict) for row in rows) else None
 
 
 def _raise_json_error(file: Path) -> None:
