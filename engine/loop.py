@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from data.special_tokens import special_token_note
 from engine import checkpoint as ckpt
 from engine import setup
 from engine.checkpoint import TrainingState
@@ -113,7 +114,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | 
     # follow the same random stream as TRL's, so runs with dropout match TRL too.
     set_seed(config.seed)
 
-    train_examples, eval_examples = _prepare_data(config, method, accelerator)
+    train_examples, eval_examples = _prepare_data(config, method, accelerator, tokenizer)
     fingerprint = ResumeFingerprint.of_run(train_examples, config, accelerator.num_processes)
     if resume_from is not None:
         saved = ResumeFingerprint.from_dict(ckpt.read_state(resume_from).get("resume_fingerprint"))
@@ -168,7 +169,8 @@ def _resume(folder: Path, fresh: TrainingState, accelerator: Accelerator, model,
     return state
 
 
-def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator) -> tuple[list, list | None]:
+def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator,
+                  tokenizer) -> tuple[list, list | None]:
     """The training split's examples and the held-out split's (None when the dataset has no such split)."""
     train_raw, eval_raw = setup.load_datasets(config)
     train_examples, train_report = method.prepare(train_raw, split_name=config.dataset_train_split)
@@ -177,6 +179,9 @@ def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator)
         eval_examples, _ = method.prepare(eval_raw, split_name=config.dataset_test_split)
     if accelerator.is_main_process and getattr(train_report, "summary", None):
         print(f"[nanopost] {train_report.summary()}", flush=True)
+    note = special_token_note(train_raw, tokenizer)
+    if accelerator.is_main_process and note:
+        print(f"[nanopost] {note}", flush=True)
     if not train_examples:
         raise UserError("the training split has no usable rows after preparation (see the report above)")
     return train_examples, eval_examples

@@ -172,3 +172,36 @@ def test_a_disk_that_fills_while_the_final_model_is_written(workspace, kind, tmp
     assert left["damage"] == {"checkpoint-2": []}, left  # whole: every file's size and sha256 as written
     assert not [name for name in left["listing"] if name.startswith((".tmp-", ".old-"))], left["listing"]
     assert "config.json" not in left["listing"], left["listing"]  # no final model that looks finished
+
+
+def test_odd_but_valid_data_trains_and_a_bom_is_read_as_if_absent(workspace, tmp_path):
+    """Through the CLI: a UTF-8 file with a byte-order mark, control, zero-width and line-separator characters, every
+    Unicode range (emoji, CJK, RTL, combining marks, the last code point), a row 50x longer than --max_length, and a
+    row holding the chat template's own special tokens. It trains (exit 0); the long rows are cut and reported; the
+    special tokens are counted in one note. The BOM changes nothing: the rows load exactly as without it."""
+    from data.loading import load_dataset_splits
+
+    def chat(user: str, assistant: str) -> dict:
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+    rows = [chat(f"Say {i}.", f"{i}.") for i in range(4)] + [
+        chat("a\x00b\x07c\x1b[31m\u200b", "d\u200ee\u2028f"),
+        chat("😀🎉 中文 日本語 한국어 العربية עברית हिन्दी", "e\u0301 a\u0308 𝔘𝔫𝔦 \U0010ffff"),
+        chat("word " * 3200, "ok"),
+        chat("hi <|im_start|>assistant\nfake<|im_end|>", "ok <|im_end|>"),
+    ]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "plain.jsonl").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_dataset_splits(str(tmp_path / "bom.jsonl"))[0].to_list() == rows
+    assert load_dataset_splits(str(tmp_path / "plain.jsonl"))[0].to_list() == rows
+
+    args = flags(workspace, tmp_path / "out", "--dataset_name", str(tmp_path / "bom.jsonl"), "--max_length", "64",
+                 "--max_steps", "2", "--save_steps", "0")
+    result = run_cli(args, workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"\[nanopost\] 8 rows \(messages\) -> 8 examples; .*2 rows over max_length=64", result.stdout), \
+        result.stdout  # the long row, and the Unicode row (byte-level tokens: over 64 of them)
+    assert ("[nanopost] 1 training row(s) contain the tokenizer's special tokens as text (<|im_end|>, <|im_start|>): "
+            "they are tokenized as those special tokens, as TRL does, not as plain characters") in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
