@@ -178,6 +178,10 @@ def _load_files(files: list[Path]):
     for file in files:
         if file.stat().st_size == 0 or (builder != "parquet" and not file.read_bytes().strip()):
             raise DataError(f"{file} is empty.")
+        if builder != "parquet":
+            text = _decode(file)
+            if builder == "json":
+                _check_json_types(file, text)
     try:
         return load_dataset(builder, data_files=[str(file) for file in files], split="train")
     except Exception as error:
@@ -188,6 +192,76 @@ def _load_files(files: list[Path]):
         raise DataError(
             f"Could not read {', '.join(str(f) for f in files)} as {builder}: {type(cause).__name__}: {cause}"
         ) from None
+
+
+def _decode(file: Path) -> str:
+    """The file's text: UTF-8, with or without a byte-order mark; else one line naming the file and byte offset."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{file} is not UTF-8 text: byte 0x{raw[error.start]:02x} at byte offset {error.start} (line {line}) "
+            "cannot be decoded; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        ) from None
+
+
+def _kind(value) -> str | None:
+    """JSON type of `value` in words; None for null (a missing value, allowed anywhere)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _check_json_types(file: Path, text: str) -> None:
+    """Refuse rows whose field holds another JSON type than the same field in earlier rows (text in one row, a
+    list or number in another), naming the row and field. Loaded as they are, such rows would be coerced (a
+    number read as text, or text as a number) or fail deep inside the loader."""
+    rows = _json_rows(text)
+    if rows is None:  # not valid JSON rows: _raise_json_error names the broken line when loading fails
+        return
+    seen: dict[str, tuple[str, int]] = {}
+
+    def walk(value, field: str, row: int) -> None:
+        kind = _kind(value)
+        if kind is None:
+            return
+        first = seen.setdefault(field, (kind, row))
+        if first[0] != kind:
+            raise DataError(
+                f"Row {row}: field '{field}' is {kind}, but in row {first[1]} it is {first[0]} ({file}); every row "
+                "must give a field the same type (text where text is expected)."
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{field}.{key}" if field else key, row)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, f"{field}[]", row)
+
+    for row, values in enumerate(rows):
+        for key, value in values.items():
+            walk(value, key, row)
+
+
+def _json_rows(text: str) -> list[dict] | None:
+    """The rows of JSON lines or a JSON array of objects; None when the text is neither."""
+    try:
+        whole = json.loads(text)
+        rows = whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError:
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            return None
+    return rows if all(isinstance(row, dict) for row in rows) else None
 
 
 def _raise_json_error(file: Path) -> None:

@@ -7,7 +7,9 @@
         trainer_state.json                 (transformers' TrainerState, written last: marks the folder complete)
 
 Each checkpoint is written to a `.tmp-checkpoint-<step>` folder and renamed into place only when complete, so a
-run killed while saving leaves the previous checkpoint whole and never a half-written one that looks complete.
+run killed while saving leaves the previous checkpoint whole and never a half-written one that looks complete
+(engine/storage.py). Its manifest.json (engine/integrity.py) records every file's size and sha256; a resume
+verifies them, and the run's resume fingerprint (engine/resume_fingerprint.py) in trainer_state.json.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from engine import integrity, storage
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import plain_model
+from engine.main_process import decide_on_main
 from engine.setup import full_state_dict, load_model_files, save_model_files
 from engine.tracking import MetricWindow
 from engine.trl_checkpoint import (
@@ -59,6 +63,7 @@ class TrainingState:
     steps_since_log: int = 0
     best_metric: float | None = None  # --metric_for_best_model's best value so far, and the checkpoint that has it
     best_model_checkpoint: str | None = None
+    resume_fingerprint: dict[str, Any] | None = None  # ResumeFingerprint.to_dict() of the run that saved it
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -88,28 +93,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_directory(final: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` then rename tmp to `final`; `final` either is complete or does not exist."""
-    tmp = final.parent / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for file in tmp.rglob("*"):  # make the bytes durable before the rename makes them visible
-        if file.is_file():
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
-    if final.exists():
-        old = final.parent / f".old-{final.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints (those with a trainer_state.json), oldest first."""
     root = Path(output_dir)
@@ -123,33 +106,44 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume_path(value: str | None, output_dir: str) -> Path | None:
-    """`--resume_from_checkpoint`: a folder, or `latest` / `true` for the newest complete one in output_dir."""
+def resolve_resume_path(value: str | None, output_dir: str, notes: list[str] | None = None) -> Path | None:
+    """`--resume_from_checkpoint`: a folder, or `latest` / `true` for the newest whole one in output_dir (damaged
+    newer ones are skipped). The folder's files are verified against its manifest; what the user should know
+    (a skipped checkpoint, a checkpoint without manifest) is appended to `notes`."""
+    notes = notes if notes is not None else []
     if value is None or str(value).lower() in ("false", "none", ""):
         return None
     if str(value).lower() in ("latest", "true"):
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
-        return checkpoints[-1]
-    path = Path(value)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(
-            f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no {STATE_FILE}); "
-            f"use a checkpoint-<step> folder or `latest`"
-        )
+        path, skipped = integrity.resolve_latest(output_dir)  # verified already
+        notes.extend(skipped)
+        if (path / integrity.MANIFEST_FILE).is_file():
+            return path
+    else:
+        path = Path(value)
+        if not (path / STATE_FILE).is_file():
+            raise UserError(
+                f"--resume_from_checkpoint {value}: not a complete checkpoint folder (no {STATE_FILE}); "
+                f"use a checkpoint-<step> folder or `latest`"
+            )
+    note = integrity.verify_checkpoint(path)
+    if note:
+        notes.append(note)
     return path
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's resume state as written (`TrainingState.from_dict` types it): nanopost_state.json, or our
     keys in trainer_state.json (checkpoints written before nanopost_state.json). A transformers/TRL Trainer
-    checkpoint is refused with one line saying what it is."""
-    ours = checkpoint / NANOPOST_STATE_FILE
-    if ours.is_file():
-        return json.loads(ours.read_text())
-    refuse_trainer_checkpoint(checkpoint)
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    checkpoint is refused with one line saying what it is; a damaged file is one line naming it."""
+    path = checkpoint / NANOPOST_STATE_FILE
+    if not path.is_file():
+        refuse_trainer_checkpoint(checkpoint)
+        path = checkpoint / STATE_FILE
+    with integrity.reading(path, what="the training state"):
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        return state
 
 
 def write_trainer_state_of(folder: Path, state: TrainingState, config: TrainConfig, output_dir: Path) -> None:
@@ -185,26 +179,47 @@ def check_resume_compatible(folder: Path, method: str, model_name_or_path: str |
         )
 
 
+def check_free_space_for_run(config: TrainConfig, accelerator: Accelerator, model) -> None:
+    """Before training: refuse (one line, every process) when the disk cannot hold one checkpoint (or, when none
+    is saved, the final model's weights)."""
+    if config.save_steps:
+        needed, what = storage.estimate_checkpoint_bytes(model, adapter_only=config.use_peft), "one checkpoint"
+    else:
+        needed, what = storage.weight_bytes(model, adapter_only=config.use_peft), "the final model"
+    decide_on_main(accelerator, lambda: storage.require_free_space(Path(config.output_dir), needed, what=what))
+
+
 def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Accelerator, model, optimizer, scheduler,
-                    config: TrainConfig, tokenizer) -> Path:
-    """Write `<output_dir>/checkpoint-<step>` atomically (every process calls it; the main process writes)."""
+                    config: TrainConfig, tokenizer, last_checkpoint: Path | None) -> Path:
+    """Write `<output_dir>/checkpoint-<step>` atomically with its manifest (every process calls it; the main process
+    writes), after checking the disk can hold it; `last_checkpoint` is what survives if it cannot."""
     final = output_dir / f"checkpoint-{state.global_step}"
+    what = f"checkpoint {state.global_step}"
+    needed = storage.estimate_checkpoint_bytes(plain_model(accelerator, model), optimizer,
+                                               adapter_only=config.use_peft)
+    decide_on_main(accelerator, lambda: storage.require_free_space(output_dir, needed, what=what,
+                                                                   survived=last_checkpoint))
     state_dict = full_state_dict(accelerator, model)  # every process takes part when the model is sharded
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        def write(folder: Path) -> None:
-            save_model_files(config.use_peft, plain_model(accelerator, model), tokenizer, folder,
-                             state_dict=state_dict)
-            if not config.save_only_model:  # --save_only_model: the weights alone (not resumable)
-                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-                torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-                torch.save(rng_state(), folder / "rng_state.pth")
-            (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-            (folder / NANOPOST_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
-            write_trainer_state_of(folder, state, config, output_dir)  # last: marks complete
 
-        atomic_directory(final, write)
+    def write(folder: Path) -> None:
+        save_model_files(config.use_peft, plain_model(accelerator, model), tokenizer, folder,
+                         state_dict=state_dict)
+        if not config.save_only_model:  # --save_only_model: the weights alone (not resumable)
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            torch.save(rng_state(), folder / "rng_state.pth")
+        (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        (folder / NANOPOST_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
+        write_trainer_state_of(folder, state, config, output_dir)  # marks the folder complete
+        integrity.write_manifest(folder)  # last: covers every file above
+
+    def save() -> None:
+        storage.atomic_folder(final, write, what=what)
         prune_checkpoints(output_dir, config.save_total_limit, spare=state.best_model_checkpoint)
+
+    if accelerator.is_main_process:
+        save()
     accelerator.wait_for_everyone()
     return final
 
@@ -213,10 +228,14 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
                     use_peft: bool) -> TrainingState:
     """Weights, optimizer, schedule and RNG from `folder` into the live run; returns its TrainingState."""
     state = TrainingState.from_dict(read_state(folder))
-    load_model_files(use_peft, plain_model(accelerator, model), folder)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
+    with integrity.reading(folder, what="the model weights in"):
+        load_model_files(use_peft, plain_model(accelerator, model), folder)
+    with integrity.reading(folder / "optimizer.pt", what="the optimizer state"):
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False, map_location="cpu"))
+    with integrity.reading(folder / "scheduler.pt", what="the schedule state"):
+        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    with integrity.reading(folder / "rng_state.pth", what="the RNG state"):
+        set_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
     return state
 
 

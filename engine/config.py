@@ -159,6 +159,8 @@ class TrainConfig:
                                           default=None)
     save_total_limit: int | None = _doc("Keep at most this many checkpoints (oldest deleted).", default=None)
     resume_from_checkpoint: str | None = _doc("Checkpoint folder to continue from.", default=None)
+    ignore_resume_mismatch: bool = _doc("Resume even when data, batch size, accumulation, processes or max length "
+                                        "changed (the run is then no longer an exact continuation).", default=False)
 
     # --- logging
     logging_strategy: str = _doc("When to log: no, steps (--logging_steps) or epoch.", default="steps")

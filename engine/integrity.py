@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from engine.checkpoint import list_checkpoints
+# engine.checkpoint imports this module too: the cycle is safe because `checkpoints_` is only used at call time.
+from engine import checkpoint as checkpoints_
 from engine.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
@@ -94,16 +95,25 @@ def verify_checkpoint(folder: Path) -> str | None:
     if problems is None:
         return f"{folder} has no {MANIFEST_FILE} (written by an older nanopost): its files cannot be verified"
     if problems:
-        whole = [c for c in list_checkpoints(folder.parent) if c != folder and not damaged_files(c, checksums=False)]
-        alternative = (f"resume from {whole[-1]} (the newest other checkpoint whose files are all there) or "
+        whole = newest_whole_checkpoint(folder.parent, besides=folder)
+        alternative = (f"resume from {whole} (the newest other checkpoint whose files are all there) or "
                        "`latest`") if whole else "start the run again"
         raise UserError(f"checkpoint {folder} is damaged: {'; '.join(problems)}; {alternative}")
     return None
 
 
+def newest_whole_checkpoint(output_dir: str | os.PathLike, besides: Path | None = None) -> Path | None:
+    """The newest checkpoint in `output_dir` (other than `besides`) whose files are all there at their recorded
+    sizes (no checksums: it is named in error messages, which must come fast), or None."""
+    for folder in reversed(checkpoints_.list_checkpoints(output_dir)):
+        if folder != besides and not damaged_files(folder, checksums=False):
+            return folder
+    return None
+
+
 def resolve_latest(output_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """The newest whole checkpoint in `output_dir`, and notes (one per damaged newer checkpoint skipped)."""
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = checkpoints_.list_checkpoints(output_dir)
     if not checkpoints:
         raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
     notes: list[str] = []

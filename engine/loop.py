@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from data.special_tokens import special_token_note
 from engine import checkpoint as ckpt
 from engine import hub, setup
 from engine.checkpoint import TrainingState
@@ -43,7 +44,10 @@ from engine.faults import StopRequest, check_finite, check_finite_weights
 from engine.forward import LeanCausalLM, plain_model
 from engine.method import Method
 from engine.model_card import write_model_card
+from engine.resume_fingerprint import ResumeFingerprint, check_resume
+from engine.run_lock import holding_output_dir
 from engine.schedule import Schedule
+from engine.storage import write_text_atomically
 from engine.tracking import MetricsWriter
 from engine.update import build_optimizer, build_scheduler, clip_gradients
 
@@ -91,13 +95,21 @@ class _Run:
 
 def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainResult:
     """One run as `config` says: train, evaluate, checkpoint, write the final model into config.output_dir."""
-    started = time.time()
     output_dir = Path(config.output_dir)
     setup.check_output_dir(output_dir)
     repo_id = hub.preflight(config)  # --push_to_hub: token, network, repo checked now, not after hours of training
     accelerator = setup.build_accelerator(config)
+    with holding_output_dir(output_dir, accelerator):  # the run lock; storage faults and signals as one line
+        return _train(config, accelerator, step_hook, repo_id)
+
+
+def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | None,
+           repo_id: str | None) -> TrainResult:
+    started = time.time()
+    output_dir = Path(config.output_dir)
     set_seed(config.seed)
-    resume_from = ckpt.resolve_resume_path(config.resume_from_checkpoint, config.output_dir)
+    notes: list[str] = []
+    resume_from = ckpt.resolve_resume_path(config.resume_from_checkpoint, config.output_dir, notes)  # verified
     if resume_from is not None:
         ckpt.check_resume_compatible(resume_from, config.method, config.model_name_or_path)
 
@@ -107,7 +119,11 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     # follow the same random stream as TRL's, so runs with dropout match TRL too.
     set_seed(config.seed)
 
-    train_examples, eval_examples = _prepare_data(config, method, accelerator)
+    train_examples, eval_examples = _prepare_data(config, method, accelerator, tokenizer)
+    fingerprint = ResumeFingerprint.of_run(train_examples, config, accelerator.num_processes)
+    if resume_from is not None:
+        saved = ResumeFingerprint.from_dict(ckpt.read_state(resume_from).get("resume_fingerprint"))
+        notes.append(check_resume(resume_from, saved, fingerprint, config.ignore_resume_mismatch))
     data_seed = config.seed if config.data_seed is None else config.data_seed  # the order's seed; init keeps --seed
     order = DataOrder(len(train_examples), config.per_device_train_batch_size, data_seed,
                       accelerator.num_processes, accelerator.process_index, config.dataloader_drop_last)
@@ -120,6 +136,7 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     # What accelerate prepares: the decoder with the lean LM head as its forward (engine/forward.py); `model` stays
     # the plain transformers model (LoRA, checkpoints, save_pretrained).
     policy = method.setup(LeanCausalLM(model), train_examples, accelerator)  # e.g. DPO's reference, before step 1
+    ckpt.check_free_space_for_run(config, accelerator, model)
 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config.lr_scheduler_type, total_steps, config.warmup_steps,
@@ -127,12 +144,16 @@ def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainRes
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
     state = TrainingState(method=config.method, model_name_or_path=config.model_name_or_path,
-                          total_steps=total_steps)
+                          total_steps=total_steps, resume_fingerprint=fingerprint.to_dict())
     if resume_from is not None:
         state = _resume(resume_from, state, accelerator, policy, optimizer, scheduler, config.use_peft)
+    if accelerator.is_main_process:
+        for note in filter(None, notes):
+            print(f"[nanopost] {note}", flush=True)
     writer = MetricsWriter(output_dir, accelerator, resume_step=state.global_step)
     if accelerator.is_main_process:
-        (output_dir / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        write_text_atomically(output_dir / "train_config.json", json.dumps(config_to_dict(config), indent=2) + "\n",
+                              what="train_config.json")
 
     run = _Run(config, accelerator, method, policy, optimizer, scheduler, tokenizer, writer, step_hook,
                Schedule.of(config, total_steps), resume_from)
@@ -175,13 +196,14 @@ def _resume(folder: Path, fresh: TrainingState, accelerator: Accelerator, model,
     """Continue from checkpoint `folder`: its weights, optimizer, schedule, RNG and progress; this run's identity."""
     saved = ckpt.load_checkpoint(folder, accelerator, model, optimizer, scheduler, use_peft)
     state = dataclasses.replace(saved, method=fresh.method, model_name_or_path=fresh.model_name_or_path,
-                                total_steps=fresh.total_steps)
+                                total_steps=fresh.total_steps, resume_fingerprint=fresh.resume_fingerprint)
     if accelerator.is_main_process:
         print(f"[nanopost] resumed from {folder} at step {state.global_step}", flush=True)
     return state
 
 
-def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator) -> tuple[list, list | None]:
+def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator,
+                  tokenizer) -> tuple[list, list | None]:
     """The training split's examples and the held-out split's (None when the dataset has no such split)."""
     train_raw, eval_raw = setup.load_datasets(config)
     train_examples, train_report = method.prepare(train_raw, split_name=config.dataset_train_split)
@@ -190,6 +212,9 @@ def _prepare_data(config: TrainConfig, method: Method, accelerator: Accelerator)
         eval_examples, _ = method.prepare(eval_raw, split_name=config.dataset_test_split)
     if accelerator.is_main_process and getattr(train_report, "summary", None):
         print(f"[nanopost] {train_report.summary()}", flush=True)
+    note = special_token_note(train_raw, tokenizer)
+    if accelerator.is_main_process and note:
+        print(f"[nanopost] {note}", flush=True)
     if not train_examples:
         raise UserError("the training split has no usable rows after preparation (see the report above)")
     return train_examples, eval_examples
@@ -237,7 +262,8 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
             if save or stop_now:
                 check_finite_weights(accelerator, run.model, state.global_step, run.last_checkpoint)
                 run.last_checkpoint = ckpt.save_checkpoint(Path(config.output_dir), state, accelerator, run.model,
-                                                           run.optimizer, run.scheduler, config, run.tokenizer)
+                                                           run.optimizer, run.scheduler, config, run.tokenizer,
+                                                           run.last_checkpoint)
             if stop_now:
                 progress.close()
                 raise UserError(

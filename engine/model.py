@@ -79,6 +79,7 @@ def load_model(name: str, *, revision: str = "main", trust_remote_code: bool = F
                what: str = "--model_name_or_path") -> PreTrainedModel:
     """Load a causal LM in `dtype` (fp32 master weights by default; bf16 autocast happens in the loop)."""
     check_model_source(name, what)
+    check_causal_lm(name, what, revision=revision, trust_remote_code=trust_remote_code)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -86,6 +87,28 @@ def load_model(name: str, *, revision: str = "main", trust_remote_code: bool = F
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise _load_failure(what, name, error) from error
+
+
+def check_causal_lm(name: str, what: str, *, revision: str = "main", trust_remote_code: bool = False) -> None:
+    """Refuse a model that is not a causal (decoder-only) LM, e.g. a BERT encoder: transformers would load it
+    into a causal-LM class anyway (with a fresh, untrained head) and train something that cannot generate."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # from_pretrained says why, in its own words
+    architectures = getattr(config, "architectures", None) or []
+    remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    causal = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or remote_causal) and not getattr(
+        config, "is_encoder_decoder", False)
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        causal = False
+    if not causal:
+        kind = ", ".join(architectures) or config.model_type
+        raise UserError(f"{what} {name}: a {kind} model ({config.model_type}) is not a causal language model; "
+                        "nanopost trains decoder-only LMs (a *ForCausalLM architecture)")
 
 
 def _load_failure(what: str, name: str, error: BaseException) -> UserError:

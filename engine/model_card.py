@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from engine.storage import write_text_atomically
+
 METHOD_TITLES = {"sft": "supervised fine-tuning (SFT)", "dpo": "Direct Preference Optimization (DPO)"}
 # Hyperparameters shown in the card; the full config is in train_config.json next to it.
 CARD_HYPERPARAMETERS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
@@ -103,7 +105,7 @@ The full configuration is in `train_config.json`, the per-step metrics in `metri
 def write_model_card(output_dir: str | os.PathLike, config, final_metrics: dict[str, float], **kwargs: Any) -> Path:
     """Write README.md into the output folder (main process only, after the final model); return its path."""
     path = Path(output_dir) / "README.md"
-    path.write_text(render_model_card(config, final_metrics, **kwargs), encoding="utf-8")
+    write_text_atomically(path, render_model_card(config, final_metrics, **kwargs), what="the model card")
     return path
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from engine import integrity, storage
 from engine.errors import UserError
 from engine.forward import LeanCausalLM
 
@@ -164,7 +165,8 @@ def _cached_table(config, reference: Reference, policy: LeanCausalLM, accelerato
     fingerprint = {"model": _weights_fingerprint(weights, adapters_off=reference.model is None),
                    "data": _data_fingerprint(examples), "ld_alpha": config.ld_alpha}
     if path.is_file():
-        saved = torch.load(path, weights_only=False)
+        with integrity.reading(path, what="the reference log-prob cache"):
+            saved = torch.load(path, weights_only=False)
         if saved["fingerprint"] != fingerprint:
             changed = [k for k in fingerprint if saved["fingerprint"].get(k) != fingerprint[k]]
             raise UserError(
@@ -176,10 +178,8 @@ def _cached_table(config, reference: Reference, policy: LeanCausalLM, accelerato
         return saved["logps"]
     logps = _reference_table(reference, accelerator, collate, examples, config)
     if accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
-        tmp.replace(path)
+        with storage.atomic_file(path, what="the reference log-prob cache") as tmp:
+            torch.save({"fingerprint": fingerprint, "logps": logps}, tmp)
         print(f"[nanopost] precomputed reference log-probs for {len(logps)} pairs -> {path}", flush=True)
     return logps
 

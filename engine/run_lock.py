@@ -17,14 +17,20 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from engine import storage
 from engine.errors import UserError
+from engine.integrity import newest_whole_checkpoint
+from engine.main_process import decide_on_main
 from engine.storage import writing
 
 LOCK_FILE = ".nanopost-run.lock"
@@ -155,3 +161,53 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------------- a whole run
+
+
+class Interrupted(UserError):
+    """SIGTERM / SIGINT outside the training steps (data preparation, the reference pre-computation, the final
+    save): every writer is atomic, so stopping at once leaves nothing half-written."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(f"stopped by signal {signal.Signals(signum).name} before training finished; nothing was left "
+                      "half-written (files being written were removed); run the same command again to start over, "
+                      "or resume from a checkpoint with --resume_from_checkpoint latest")
+
+
+@contextmanager
+def holding_output_dir(output_dir: Path, accelerator) -> Iterator[None]:
+    """One run's hold on its output folder, around everything it does after the folder check:
+
+    - the run lock (taken on the main process; every process gets its outcome), released at the end;
+    - cleanup of an interrupted save (a `.tmp-*` folder, a checkpoint moved aside), once the lock is ours;
+    - SIGTERM / SIGINT stop the run at once with one line (the training steps install their own handler, which
+      finishes the step and checkpoints first);
+    - a storage fault anywhere comes out as one line that also names the newest whole checkpoint and the resume
+      command.
+    """
+    lock = RunLock(output_dir)
+
+    def take() -> list[str]:
+        note = lock.acquire()
+        return ([note] if note else []) + storage.recover_interrupted_saves(output_dir)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, _interrupt)
+    except ValueError:  # not the main thread (a test runner's): signals stay as they are
+        previous = {}
+    try:
+        for note in decide_on_main(accelerator, take):
+            if accelerator.is_main_process:
+                print(f"[nanopost] {note}", flush=True)
+        yield
+    except storage.StorageError as fault:
+        raise fault.with_survivor(newest_whole_checkpoint(output_dir)) from fault
+    finally:
+        lock.release()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from engine import storage
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import plain_model, plain_state_dict
@@ -296,17 +297,20 @@ def save_final_model(config: TrainConfig, accelerator: Accelerator, model, token
     if not accelerator.is_main_process:
         return
     unwrapped = plain_model(accelerator, model)
-    tmp = output_dir / ".tmp-final-model"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model_files(config.use_peft, unwrapped, tokenizer, tmp, state_dict=state_dict)
-    if config.use_peft and config.merge_adapter:
-        from lora import merged_model
+    with storage.scratch_folder(output_dir / ".tmp-final-model", what="the final model") as tmp:
+        save_model_files(config.use_peft, unwrapped, tokenizer, tmp, state_dict=state_dict)
+        if config.use_peft and config.merge_adapter:
+            from lora import merged_model
 
-        merged_dir = tmp / "merged"
-        merged_model(unwrapped).save_pretrained(merged_dir, safe_serialization=True)
-        tokenizer.save_pretrained(merged_dir)
+            merged_dir = tmp / "merged"
+            merged_model(unwrapped).save_pretrained(merged_dir, safe_serialization=True)
+            tokenizer.save_pretrained(merged_dir)
+        with storage.writing("the final model", output_dir):
+            _move_final_model(tmp, output_dir)
+
+
+def _move_final_model(tmp: Path, output_dir: Path) -> None:
+    """Move the written files from `tmp` into `output_dir`, config files last (see `save_final_model`)."""
     markers = [n for n in ("config.json", LORA_CONFIG_FILE) if (tmp / n).exists()]
     for name in ("config.json", LORA_CONFIG_FILE):  # both: a previous save of the other kind is replaced too
         (output_dir / name).unlink(missing_ok=True)
@@ -322,4 +326,3 @@ def save_final_model(config: TrainConfig, accelerator: Accelerator, model, token
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(item, target)
-    tmp.rmdir()

@@ -247,6 +247,12 @@ def atomic_file(final: Path, *, what: str) -> Iterator[Path]:
         raise
 
 
+def write_text_atomically(final: Path, text: str, *, what: str) -> None:
+    """`final` holds `text` (UTF-8) whole, or keeps what it held before."""
+    with atomic_file(final, what=what) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 @contextmanager
 def scratch_folder(folder: Path, *, what: str) -> Iterator[Path]:
     """A fresh temporary folder that is gone afterwards, whether the block succeeds or fails (what it moved out
@@ -325,15 +331,19 @@ def tensor_bytes(obj: Any) -> int:
 _ADAMW_MOMENTS = 2
 
 
+def weight_bytes(model: torch.nn.Module, *, adapter_only: bool = False) -> int:
+    """The bytes of the weights a save writes: all of them, or the trainable adapter with `adapter_only`."""
+    if adapter_only:
+        return tensor_bytes({name: p for name, p in model.named_parameters() if p.requires_grad})
+    return tensor_bytes(model.state_dict())
+
+
 def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                               adapter_only: bool = False) -> int:
-    """The size of one checkpoint, from tensor bytes: the weights it saves (all of them, or the trainable adapter
-    with `adapter_only`) plus the optimizer state (measured when the optimizer has state, else AdamW's two
-    moments per trainable parameter). Tokenizer and JSON files are small and ignored."""
-    if adapter_only:
-        weights = tensor_bytes({name: p for name, p in model.named_parameters() if p.requires_grad})
-    else:
-        weights = tensor_bytes(model.state_dict())
+    """The size of one checkpoint, from tensor bytes: its weights (`weight_bytes`) plus the optimizer state
+    (measured when the optimizer has state, else AdamW's two moments per trainable parameter). Tokenizer and JSON
+    files are small and ignored."""
+    weights = weight_bytes(model, adapter_only=adapter_only)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     optimizer_state = tensor_bytes(optimizer.state_dict()["state"]) if optimizer is not None else 0
     return weights + (optimizer_state or _ADAMW_MOMENTS * trainable)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.storage import append_line, write_text_atomically
 
 
 def start_trackers(accelerator, config) -> None:
@@ -70,14 +71,12 @@ class MetricsWriter:
             self.path.unlink()
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomically(self.path, "".join(line + "\n" for line in kept), what="metrics.jsonl")
 
     def write(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-            file.flush()
+        append_line(self.path, json.dumps(record), what="metrics.jsonl")
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.accelerator.trackers:
             self.accelerator.log(scalars, step=record["step"])

@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from engine.storage import write_text_atomically
 from examples import demo_rule
 
 MAX_NEW_TOKENS = 32
@@ -65,7 +66,8 @@ def demo_report(method, policy, reference, examples: list[dict], output_dir: Pat
         "win_rate_policy_vs_reference": summary["win_rate"],
     }
     if is_main_process:
-        (output_dir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(output_dir / "demo_report.json", json.dumps(report, indent=2) + "\n",
+                              what="the demo report")
         write_report(comparison, output_dir, metrics_dir=output_dir)
         r = report
         print(

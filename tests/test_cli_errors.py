@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers import AutoTokenizer
 
 from data.defaults import DEFAULT_TOKENIZER_DIR
 from engine.model import build_tiny_smollm3
+from engine.run_lock import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 FINISHED_MARKERS = ("config.json", "model.safetensors", "adapter_config.json")
@@ -67,6 +69,26 @@ def workspace(tmp_path_factory):
         "long_prompt": jsonl("long_prompt.jsonl", [
             {"prompt": "word " * 300, "chosen": " yes.", "rejected": " no."}] * 4),
     }
+    good_chat = "".join(json.dumps(r) + "\n" for r in chat)
+    files["not_utf8"] = str(root / "latin1.jsonl")
+    Path(files["not_utf8"]).write_bytes(good_chat.encode() + '{"messages": [{"role": "user", "content": "caf\u00e9"}, '
+                                        '{"role": "assistant", "content": "x"}]}\n'.encode("latin-1"))
+    files["not_utf8_csv"] = str(root / "latin1.csv")
+    Path(files["not_utf8_csv"]).write_bytes("prompt,chosen,rejected\nq,a,b\ncaf\u00e9,a,b\n".encode("latin-1"))
+    for kind, value in (("list", ["hi"]), ("object", {"text": "hi"}), ("number", 3.5), ("bool", True)):
+        files[f"content_{kind}"] = jsonl(f"content_{kind}.jsonl", chat[:3] + [
+            {"messages": [{"role": "user", "content": value}, {"role": "assistant", "content": "x"}]}])
+    for field, value in (("prompt", 7), ("chosen", ["a"]), ("rejected", {"a": 1})):
+        files[f"pair_{field}"] = jsonl(f"pair_{field}.jsonl", pairs[:3] + [{**pairs[3], field: value}])
+    files["chat_changed"] = jsonl("chat_changed.jsonl", chat[:7])
+    files["messages_null"] = jsonl("messages_null.jsonl", chat[:3] + [{"messages": None}])
+    bert_dir = root / "bert"
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=tokenizer.vocab_size)).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    files["bert"] = str(bert_dir)
     Path(files["empty"]).write_text("")
     Path(files["corrupt"]).write_text('{"messages": [1, 2\n{"oops"\n')
     sft_ckpt = root / "sft_run" / "checkpoint-1"
@@ -135,6 +157,41 @@ CASES = [
     ("refused-trl-flag", lambda w: base(w) + ["--load_in_4bit"], ["--load_in_4bit", "bitsandbytes"]),
     ("unknown-tracker", lambda w: base(w) + ["--report_to", "mlflow"], ["mlflow"]),
     ("bad-optim-args", lambda w: base(w) + ["--optim", "sgd", "--optim_args", "betas=0.9"], ["--optim_args"]),
+    # issue 12: hostile data (each refused naming the file, or the row and field)
+    ("not-utf8-jsonl", lambda w: base(w, data=w["not_utf8"]), ["latin1.jsonl", "not utf-8", "byte offset"]),
+    ("not-utf8-csv", lambda w: base(w, "dpo", data=w["not_utf8_csv"]), ["latin1.csv", "not utf-8", "byte offset"]),
+    ("content-is-a-list", lambda w: base(w, data=w["content_list"]), ["row 3", "messages[].content", "a list"]),
+    ("content-is-an-object", lambda w: base(w, data=w["content_object"]), ["row 3", "messages[].content", "object"]),
+    ("content-is-a-number", lambda w: base(w, data=w["content_number"]), ["row 3", "messages[].content", "number"]),
+    ("content-is-a-boolean", lambda w: base(w, data=w["content_bool"]), ["row 3", "messages[].content", "boolean"]),
+    ("prompt-is-a-number", lambda w: base(w, "dpo", data=w["pair_prompt"]), ["row 3", "'prompt'", "number"]),
+    ("chosen-is-a-list", lambda w: base(w, "dpo", data=w["pair_chosen"]), ["row 3", "'chosen'", "a list"]),
+    ("rejected-is-an-object", lambda w: base(w, "dpo", data=w["pair_rejected"]), ["row 3", "'rejected'", "object"]),
+    ("messages-is-null", lambda w: base(w, data=w["messages_null"]), ["row 3", "messages"]),
+    ("not-a-causal-lm", lambda w: base(w) + ["--model_name_or_path", w["bert"]], ["bert", "not a causal"]),
+    # issue 12: two runs, damaged checkpoints, a resume that cannot be exact
+    ("output-dir-locked", lambda w: base(w, out="locked_run"), ["another run is writing", "locked_run", "pid"]),
+    ("resume-damaged-checkpoint", lambda w: base(w, out="damaged_run") + [
+        "--resume_from_checkpoint", str(w["root"] / "damaged_run" / "checkpoint-1")],
+     ["checkpoint-1 is damaged", "optimizer.pt is truncated"]),
+    ("resume-latest-all-damaged", lambda w: base(w, out="damaged_run") + ["--resume_from_checkpoint", "latest"],
+     ["every checkpoint", "damaged"]),
+    ("resume-damaged-optimizer-unverified", lambda w: base(w, out="old_damaged_run") + [
+        "--resume_from_checkpoint", str(w["root"] / "old_damaged_run" / "checkpoint-1")],
+     ["cannot read the optimizer state", "optimizer.pt"]),
+    ("resume-damaged-weights-unverified", lambda w: base(w, out="old_damaged_weights") + [
+        "--resume_from_checkpoint", str(w["root"] / "old_damaged_weights" / "checkpoint-1")],
+     ["cannot read the model weights", "checkpoint-1"]),
+    ("resume-changed-batch-size", lambda w: base(w, out="sft_run") + [
+        "--resume_from_checkpoint", str(w["sft_ckpt"]), "--per_device_train_batch_size", "1"],
+     ["--per_device_train_batch_size was 2, now 1", "--ignore_resume_mismatch"]),
+    ("resume-changed-accumulation", lambda w: base(w, out="sft_run") + [
+        "--resume_from_checkpoint", str(w["sft_ckpt"]), "--gradient_accumulation_steps", "2"],
+     ["--gradient_accumulation_steps was 1, now 2"]),
+    ("resume-changed-max-length", lambda w: base(w, out="sft_run") + [
+        "--resume_from_checkpoint", str(w["sft_ckpt"]), "--max_length", "64"], ["--max_length was", "now 64"]),
+    ("resume-changed-data", lambda w: base(w, out="sft_run", data=w["chat_changed"]) + [
+        "--resume_from_checkpoint", str(w["sft_ckpt"])], ["prepared training data changed"]),
     ("nan-loss", lambda w: base(w, out="nan_run") + ["--learning_rate", "1e30", "--max_steps", "3",
                                                     "--max_grad_norm", "0"], ["non-finite", "step"]),
 ]
@@ -155,12 +212,34 @@ def sft_checkpoint(workspace):
     return workspace["sft_ckpt"]
 
 
-def test_catalogue_has_at_least_25_cases():
-    assert len(CASES) >= 25
+@pytest.fixture(scope="module")
+def faulty_runs(workspace, sft_checkpoint):
+    """Copies of the 1-step run with damage: optimizer.pt cut short (with its manifest, and without one, as from an
+    older nanopost); model.safetensors cut short (no manifest); and an output folder another run holds."""
+    root = workspace["root"]
+
+    def damaged(name: str, file: str, keep_manifest: bool) -> None:
+        shutil.copytree(root / "sft_run", root / name)
+        path = root / name / "checkpoint-1" / file
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        if not keep_manifest:
+            (root / name / "checkpoint-1" / "manifest.json").unlink()
+
+    damaged("damaged_run", "optimizer.pt", keep_manifest=True)
+    damaged("old_damaged_run", "optimizer.pt", keep_manifest=False)
+    damaged("old_damaged_weights", "model.safetensors", keep_manifest=False)
+    lock = RunLock(root / "locked_run", command="python train.py (the first run)")
+    lock.acquire()
+    yield
+    lock.release()
+
+
+def test_catalogue_has_at_least_50_cases():
+    assert len(CASES) >= 50
 
 
 @pytest.mark.parametrize("case_id, build, words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_line_error(workspace, sft_checkpoint, case_id, build, words):
+def test_bad_input_gives_one_line_error(workspace, sft_checkpoint, faulty_runs, case_id, build, words):
     args = build(workspace)
     output_dir = Path(args[args.index("--output_dir") + 1]) if "--output_dir" in args else None
     before = {p.name for p in output_dir.iterdir()} if output_dir and output_dir.is_dir() else set()

@@ -35,10 +35,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.defaults import DEFAULT_TOKENIZER_DIR
 from engine import checkpoint as ckpt
+from engine import storage
 from engine.config import parse_config
 from engine.errors import UserError
 from engine.loop import train
 from engine.model import build_tiny_smollm3
+from engine.storage import StorageError
 from engine.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -471,9 +473,9 @@ def test_latest_is_newest_complete_checkpoint(tmp_path):
         ckpt.resolve_resume_path("latest", str(tmp_path / "empty"))
 
 
-def test_atomic_directory_crash_mid_write_leaves_previous_whole(tmp_path):
+def test_atomic_folder_crash_mid_write_leaves_previous_whole(tmp_path):
     """A write that dies halfway (here: raises after one file) leaves `final` as it was — absent, or the previous
-    complete version — and the next write cleans the partial `.tmp-` folder."""
+    complete version — and removes its partial `.tmp-` folder on the way out (engine/storage.py)."""
     final = tmp_path / "checkpoint-4"
 
     def crash(folder: Path) -> None:
@@ -481,15 +483,16 @@ def test_atomic_directory_crash_mid_write_leaves_previous_whole(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_directory(final, crash)
-    assert not final.exists() and (tmp_path / ".tmp-checkpoint-4" / "model.safetensors").is_file()
+        storage.atomic_folder(final, crash, what="checkpoint 4")
+    assert not final.exists() and not (tmp_path / ".tmp-checkpoint-4").exists()
 
-    ckpt.atomic_directory(final, lambda folder: (folder / "model.safetensors").write_text("old, whole"))
+    storage.atomic_folder(final, lambda folder: (folder / "model.safetensors").write_text("old, whole"),
+                          what="checkpoint 4")
     assert not (tmp_path / ".tmp-checkpoint-4").exists()
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_directory(final, crash)
+        storage.atomic_folder(final, crash, what="checkpoint 4")
     assert (final / "model.safetensors").read_text() == "old, whole"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint-4", "checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
 
 
 def test_pruning_killed_midway_leaves_no_complete_looking_checkpoint(tmp_path, monkeypatch):
@@ -551,14 +554,14 @@ def test_final_model_write_failure_keeps_previous_model_whole(tmp_path, final_mo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="could not write the final model .*: No space left on device"):
         save_final_model(config, accelerator, model_a, tokenizer, tmp_path)
     assert_no_final_model(tmp_path)
 
     monkeypatch.setattr(type(tokenizer), "save_pretrained", real_save)
     save_final_model(config, accelerator, model_a, tokenizer, tmp_path)
     monkeypatch.setattr(type(tokenizer), "save_pretrained", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError):
         save_final_model(config, accelerator, model_b, tokenizer, tmp_path)
     assert _same_weights(_weights(tmp_path), model_a)
 
@@ -586,7 +589,7 @@ def test_final_model_crash_while_moving_in_leaves_no_config(tmp_path, final_mode
         real_replace(source, target)
 
     monkeypatch.setattr(engine.setup.os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match="could not write the final model .*: disk gone"):
         save_final_model(config, accelerator, model_b, tokenizer, tmp_path)
     assert "config.json" not in moves[:2]  # config.json is moved in last
     assert not (tmp_path / "config.json").exists()
