@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from engine import integrity, storage
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import plain_model
+from engine.integrity import list_checkpoints as list_checkpoints  # re-exported: the loop and tests use it
 from engine.main_process import decide_on_main
 from engine.setup import full_state_dict, load_model_files, save_model_files
 from engine.tracking import MetricWindow
@@ -43,7 +43,6 @@ from engine.trl_checkpoint import (
 )
 
 STATE_FILE = TRAINER_STATE_FILE  # the completion marker, written last
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -91,19 +90,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (those with a trainer_state.json), oldest first."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _CHECKPOINT_NAME.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
 
 
 def resolve_resume_path(value: str | None, output_dir: str, notes: list[str] | None = None) -> Path | None:

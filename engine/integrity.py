@@ -17,15 +17,17 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-# engine.checkpoint imports this module too: the cycle is safe because `checkpoints_` is only used at call time.
-from engine import checkpoint as checkpoints_
 from engine.errors import UserError
+from engine.trl_checkpoint import TRAINER_STATE_FILE
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 MANIFEST_FILE = "manifest.json"
 _FORMAT = 1
@@ -105,7 +107,7 @@ def verify_checkpoint(folder: Path) -> str | None:
 def newest_whole_checkpoint(output_dir: str | os.PathLike, besides: Path | None = None) -> Path | None:
     """The newest checkpoint in `output_dir` (other than `besides`) whose files are all there at their recorded
     sizes (no checksums: it is named in error messages, which must come fast), or None."""
-    for folder in reversed(checkpoints_.list_checkpoints(output_dir)):
+    for folder in reversed(list_checkpoints(output_dir)):
         if folder != besides and not damaged_files(folder, checksums=False):
             return folder
     return None
@@ -113,7 +115,7 @@ def newest_whole_checkpoint(output_dir: str | os.PathLike, besides: Path | None 
 
 def resolve_latest(output_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """The newest whole checkpoint in `output_dir`, and notes (one per damaged newer checkpoint skipped)."""
-    checkpoints = checkpoints_.list_checkpoints(output_dir)
+    checkpoints = list_checkpoints(output_dir)
     if not checkpoints:
         raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
     notes: list[str] = []
@@ -149,3 +151,16 @@ def reading(path: Path, *, what: str = "checkpoint file") -> Iterator[None]:
         raise UserError(f"cannot read {what} {path}: the file is damaged or not what a checkpoint writes "
                         f"({type(error).__name__}: {detail}); resume from another checkpoint or "
                         "`--resume_from_checkpoint latest`") from error
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with a trainer_state.json), oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _CHECKPOINT_NAME.match(child.name)
+        if match and child.is_dir() and (child / TRAINER_STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
