@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from engine.errors import UserError
 
@@ -312,8 +313,10 @@ def tensor_bytes(obj: Any) -> int:
 
     def walk(value: Any) -> int:
         if torch.is_tensor(value):
-            key = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.device.type != "meta" else (
-                id(value), 0)
+            # A meta tensor or a sharded DTensor (FSDP2) has no local storage to compare: count it by identity.
+            # numel() is the full (unsharded) size, which is what a save writes.
+            local = value.device.type != "meta" and not isinstance(value, DTensor)
+            key = (value.untyped_storage().data_ptr(), value.storage_offset()) if local else (id(value), 0)
             if key in seen:
                 return 0
             seen.add(key)
