@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from engine.config_checks import installed_trackers, validate_config
 from engine.errors import UserError
+from engine.flag_values import convert_value, parse_bool_or_none, strip_optional
 from engine.trl_flags import AWAITING_LOOP, INERT, REFUSED, RENAMED, apply_trl_flags, warn_awaiting_loop
 
 # Defaults that differ by method, as in TRL 1.16's SFTConfig / DPOConfig.
@@ -268,62 +267,16 @@ HELP_GROUPS = {"method": "run", "model_name_or_path": "model", "dataset_name": "
                "beta": "DPO", "use_peft": "LoRA"}
 
 
-def _strip_optional(annotation: Any) -> tuple[Any, bool]:
-    """`int | None` -> (int, True)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return annotation, False
-
-
-def parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    lowered = str(text).strip().lower()
-    if lowered in ("true", "1", "yes", "y", "on"):
-        return True
-    if lowered in ("false", "0", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _parse_bool_or_none(text: str) -> bool | None:
-    """TRL's optional booleans (`--bf16 None`): none/null means "the default"."""
-    return None if str(text).strip().lower() in ("none", "null") else parse_bool(text)
-
-
 @functools.cache
 def _field_types() -> dict[str, tuple[Any, bool]]:
     hints = typing.get_type_hints(TrainConfig)
-    return {f.name: _strip_optional(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
+    return {f.name: strip_optional(hints[f.name]) for f in dataclasses.fields(TrainConfig)}
 
 
 def _convert(name: str, value: Any) -> Any:
     """Convert a YAML value (or a flag string) to the field's type, with a clear error."""
     base, optional = _field_types()[name]
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        return None
-    if optional and isinstance(value, list) and [str(v).lower() for v in value] in (["none"], ["null"]):
-        return None
-    try:
-        if typing.get_origin(base) is list:
-            (item_type,) = typing.get_args(base)
-            items = value if isinstance(value, list) else [value]
-            return [item_type(v) for v in items]
-        if typing.get_origin(base) is dict:  # TRL takes these as JSON strings on the command line
-            parsed = value if isinstance(value, dict) else json.loads(value)
-            if not isinstance(parsed, dict):
-                raise ValueError(value)
-            return parsed
-        if base is bool:
-            return parse_bool(value)
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return base(value)
-    except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
-        type_name = "a JSON object" if typing.get_origin(base) is dict else getattr(base, "__name__", str(base))
-        raise UserError(f"--{name} {value!r}: expected {type_name}") from error
+    return convert_value(name, value, base, optional)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -334,7 +287,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_flag(group, name: str, base: Any, help_text: str) -> None:
     help_text = help_text.replace("%", "%%")  # argparse %-formats help strings ({% generation %} would crash it)
     if base is bool:
-        group.add_argument(f"--{name}", type=_parse_bool_or_none, nargs="?", const=True, help=help_text)
+        group.add_argument(f"--{name}", type=parse_bool_or_none, nargs="?", const=True, help=help_text)
     elif typing.get_origin(base) is list:
         group.add_argument(f"--{name}", nargs="*" if typing.get_args(base) == (Any,) else "+", help=help_text)
     else:
