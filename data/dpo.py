@@ -33,6 +33,10 @@ What TRL does, and we do the same (the ids are identical for every row TRL accep
   minimum over chosen and rejected), so a token that merges across the boundary (prompt "...S" + "ure" ->
   "Sure") belongs to the completion and the prompt ids are shortened to the shared part. Rows where this
   happens are listed in `PrepReport.prompt_boundary_rows` (TRL only warns once).
+- `max_prompt_length` (TRL < 1.0's option, which the Hugging Face course uses; TRL 1.16 has none): the prompt
+  keeps its LAST `max_prompt_length` tokens (`truncate_prompt`, TRL 0.x `tokenize_row`:
+  `prompt_input_ids[-max_prompt_length:]`); chosen and rejected are untouched. Applied after the prompt/completion
+  split and before the `max_length` rules below; rows cut are listed in `PrepReport.truncated_prompt_rows`.
 - Truncation is NOT done here: `data.collate_dpo.collate_dpo` cuts each prompt+completion sequence to
   `max_length`. Here, with `truncation_mode="keep_start"`, rows whose prompt alone has >= `max_length` tokens
   are removed because they would keep no completion token. TRL drops them silently; we list them in
@@ -81,6 +85,7 @@ def prepare_dpo_dataset(
     max_length: int | None = 1024,
     truncation_mode: str = "keep_start",
     skip_identical_pairs: bool = False,
+    max_prompt_length: int | None = None,
 ) -> tuple[list[dict[str, list[int]]], PrepReport]:
     """Tokenize preference rows into `{"prompt_ids", "chosen_ids", "rejected_ids"}` exactly as TRL 1.16 does.
 
@@ -92,6 +97,7 @@ def prepare_dpo_dataset(
             alone fills it (keep_start). `None` keeps every row.
         truncation_mode: "keep_start" (default) or "keep_end" (keeps the end of each sequence, drops nothing).
         skip_identical_pairs: skip rows where chosen == rejected (listed in the report) instead of raising.
+        max_prompt_length: keep only the last N prompt tokens (TRL < 1.0); None keeps the whole prompt.
 
     Returns:
         The prepared examples (untruncated, in input order minus removed rows) and a `PrepReport`.
@@ -147,8 +153,12 @@ def prepare_dpo_dataset(
         )
         if prompt_len < len(prompt_ids):
             report.prompt_boundary_rows.append(index)
+        kept_prompt = truncate_prompt(prompt_ids[:prompt_len], max_prompt_length)
+        if len(kept_prompt) < prompt_len:
+            report.truncated_prompt_rows.append(index)
+            report.num_prompt_tokens_cut += prompt_len - len(kept_prompt)
         example = {
-            "prompt_ids": list(prompt_ids[:prompt_len]),
+            "prompt_ids": kept_prompt,
             "chosen_ids": list(prompt_chosen_ids[prompt_len:]),
             "rejected_ids": list(prompt_rejected_ids[prompt_len:]),
         }
@@ -164,7 +174,7 @@ def prepare_dpo_dataset(
             report.drop(index, IDENTICAL_PAIR)
             continue
         # TRL's rule: with keep_start a prompt of >= max_length tokens leaves no completion token after truncation.
-        if max_length is not None and truncation_mode == "keep_start" and prompt_len >= max_length:
+        if max_length is not None and truncation_mode == "keep_start" and len(kept_prompt) >= max_length:
             report.drop(index, PROMPT_TOO_LONG)
             continue
         _count(report, index, example, max_length)
@@ -179,6 +189,20 @@ def prepare_dpo_dataset(
         raise DataError(f"No preference row is left: all {report.num_rows} rows have chosen == rejected.")
     report.num_examples = len(examples)
     return examples, report
+
+
+def truncate_prompt(prompt_ids: list[int], max_prompt_length: int | None) -> list[int]:
+    """The last `max_prompt_length` tokens of the prompt (all of them when None or already short enough).
+
+    TRL < 1.0's `DPOTrainer.tokenize_row`: `prompt_input_ids[-max_prompt_length:]` (the end of a prompt, where
+    the question is, matters most).
+
+    Shape:
+        prompt_ids: (P,) -> (min(P, max_prompt_length),)
+    """
+    if max_prompt_length is None or len(prompt_ids) <= max_prompt_length:
+        return list(prompt_ids)
+    return list(prompt_ids[-max_prompt_length:])
 
 
 def _count(report: PrepReport, index: int, example: dict[str, list[int]], max_length: int | None) -> None:

@@ -37,6 +37,8 @@ class PrepReport:
         prompt_boundary_rows: Rows whose tokenized prompt is not a prefix of the tokenized prompt + completion
             (tokens merged across the boundary, or the template renders the prompt alone differently): the
             completion starts where they diverge.
+        truncated_prompt_rows: DPO: rows whose prompt was cut to its last `max_prompt_length` tokens, and
+            `num_prompt_tokens_cut` the prompt tokens removed.
         num_eos_appended: Text rows / completions that got the EOS token appended.
         num_no_target_kept: SFT rows without any target token that are kept (TRL drops them only when truncating
             without packing); they add no loss.
@@ -61,6 +63,8 @@ class PrepReport:
     truncated_rows: list[int] = field(default_factory=list)
     num_truncated_tokens: int = 0
     prompt_boundary_rows: list[int] = field(default_factory=list)
+    truncated_prompt_rows: list[int] = field(default_factory=list)
+    num_prompt_tokens_cut: int = 0
     num_eos_appended: int = 0
     num_no_target_kept: int = 0
     num_examples: int = 0
@@ -125,6 +129,9 @@ class PrepReport:
             parts.append("assistant-only loss")
         if self.num_eos_appended:
             parts.append(f"EOS appended to {rows(self.num_eos_appended)}")
+        if self.truncated_prompt_rows:
+            parts.append(f"{rows(len(self.truncated_prompt_rows))} with the prompt cut to its last max_prompt_length "
+                         f"tokens ({self.num_prompt_tokens_cut} prompt tokens cut)")
         if self.num_truncated:
             where = " by the collator" if self.method == "dpo" else ""
             parts.append(f"{rows(self.num_truncated)} over max_length={self.max_length} "

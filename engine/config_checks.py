@@ -159,6 +159,9 @@ def _validate_loop_flags(config: Any, bad) -> None:
                   "--precompute_ref_log_probs or --use_peft (as in TRL)")
     if config.max_prompt_length is not None and config.max_prompt_length < 1:
         raise bad("max_prompt_length", "must be >= 1 token, or none")
+    if config.max_prompt_length is not None and config.method != "dpo":
+        raise bad("max_prompt_length", "is a DPO option (it cuts the prompt of preference pairs); for SFT use "
+                  "--max_length")
     if config.lora_task_type not in LORA_TASK_TYPES:
         raise bad("lora_task_type", "must be CAUSAL_LM (nanopost trains causal language models)")
     if (config.use_dora or config.lora_modules_to_save) and not config.use_peft:

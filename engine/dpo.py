@@ -49,7 +49,8 @@ class DPOMethod(Method):
 
         dataset = normalize_dpo_columns(dataset, self.config.dataset_column_map)
         examples, report = prepare_dpo_dataset(
-            dataset, self.tokenizer, max_length=self.config.max_length, truncation_mode=self.config.truncation_mode
+            dataset, self.tokenizer, max_length=self.config.max_length, truncation_mode=self.config.truncation_mode,
+            max_prompt_length=self.config.max_prompt_length,
         )
         for index, example in enumerate(examples):
             example["index"] = index  # key of the precomputed reference log-probs

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from data.dpo import truncate_prompt
 from engine.config import parse_config
 from engine.errors import UserError
 from engine.neftune import add_neftune_hook, neftune_noise
 from engine.optim import build_optimizer
-from engine.prompt_truncation import truncate_prompt
 from engine.ref_sync import should_sync, sync_reference
 from engine.trl_checkpoint import (
     checkpoint_kind,
