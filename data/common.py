@@ -23,6 +23,16 @@ def check_length_options(max_length: int | None, truncation_mode: str) -> None:
         raise DataError(f"--truncation_mode {truncation_mode}: must be one of {list(TRUNCATION_MODES)}.")
 
 
+def pad_multiple(pad_to_multiple_of: str | int | None) -> int | None:
+    """`--pad_to_multiple_of` as the collators take it: an int, or None for no rounding.
+
+    TRL 1.16 turns "auto" into 128 on AWS Neuron devices and None elsewhere; nanopost never runs on Neuron.
+    """
+    if pad_to_multiple_of is None or str(pad_to_multiple_of).lower() in ("auto", "none", "null"):
+        return None
+    return int(pad_to_multiple_of)
+
+
 def resolve_pad_token_id(tokenizer: Any) -> int:
     """The pad id TRL 1.16's SFTTrainer and DPOTrainer both settle on: the pad token, else the EOS token.
 

@@ -60,11 +60,12 @@ class DPOMethod(Method):
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         from data.collate_dpo import collate_dpo
-        from data.common import resolve_pad_token_id
+        from data.common import pad_multiple, resolve_pad_token_id
 
         # TRL truncates in the collator (each prompt+completion to max_length), not at preparation.
         batch = collate_dpo(examples, pad_token_id=resolve_pad_token_id(self.tokenizer),
-                            max_length=self.config.max_length, truncation_mode=self.config.truncation_mode)
+                            max_length=self.config.max_length, truncation_mode=self.config.truncation_mode,
+                            pad_to_multiple_of=pad_multiple(self.config.pad_to_multiple_of))
         batch["index"] = torch.tensor([e["index"] for e in examples])
         return batch
 

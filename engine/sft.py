@@ -50,9 +50,10 @@ class SFTMethod(Method):
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:
         from data.collate import collate_sft
-        from data.common import resolve_pad_token_id
+        from data.common import pad_multiple, resolve_pad_token_id
 
-        return collate_sft(examples, pad_token_id=resolve_pad_token_id(self.tokenizer), padding_free=self.padding_free)
+        return collate_sft(examples, pad_token_id=resolve_pad_token_id(self.tokenizer), padding_free=self.padding_free,
+                           pad_to_multiple_of=pad_multiple(self.config.pad_to_multiple_of))
 
     def window(self, batches: list[dict[str, Tensor]]) -> Window:
         """The window's target tokens on every process (the label of position t is predicted at t - 1)."""

@@ -23,7 +23,7 @@ def assets(tmp_path_factory, tiny_model_dir):
               "chosen": f" yes {i} " + "good " * (1 + i % 4), "rejected": f" no {i} " + "bad " * (1 + (i * 3) % 5)}
              for i in range(12)]
     chats = [{"messages": [{"role": "user", "content": f"Count to {i}."},
-                           {"role": "assistant", "content": " ".join(str(k) for k in range(1, 1 + (i * 7) % 13))}]}
+                           {"role": "assistant", "content": " ".join(str(k) for k in range(1, 2 + (i * 7) % 13))}]}
              for i in range(12)]
     for name, rows in (("pairs", pairs), ("chats", chats)):
         (root / name).mkdir()
@@ -91,3 +91,33 @@ def test_max_prompt_length_keeps_the_last_prompt_tokens(assets, collated, capsys
 def test_max_prompt_length_is_a_dpo_option(assets, capsys):
     assert cli.main(run_args(assets, "sft", "mpl_sft", "--max_prompt_length", "24")) == 2
     assert "--max_prompt_length" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- 2. --pad_to_multiple_of
+
+def real_length(method: str, examples: list[dict]) -> int:
+    """The longest sequence of a micro-batch: the width without --pad_to_multiple_of."""
+    if method == "sft":
+        return max(len(e["input_ids"]) for e in examples)
+    return max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_pad_to_multiple_of_rounds_the_width_and_changes_no_number(assets, collated, method):
+    """Every batch is T = the longest row rounded up to a multiple of 16 (TRL's collators: `pad(...,
+    pad_to_multiple_of)`), and the extra positions carry no loss: the logged losses and gradient norms equal the
+    run without it to fp32 rounding (only the matmul shapes differ)."""
+    steps = ["--max_steps", "2"]
+    assert cli.main(run_args(assets, method, f"pad16_{method}", *steps, "--pad_to_multiple_of", "16")) == 0
+    padded = list(collated)
+    collated.clear()
+    assert cli.main(run_args(assets, method, f"pad_none_{method}", *steps)) == 0
+    widths = [(batch["input_ids"].shape[1], real_length(method, examples)) for examples, batch in padded]
+    assert len(widths) >= 2 and any(real % 16 for _, real in widths)  # some batch really is rounded up
+    assert all(width % 16 == 0 and real <= width < real + 16 for width, real in widths)
+    assert [b["input_ids"].shape[1] for _, b in collated] == [real for _, real in widths]  # unpadded: the longest
+    for with_pad, without in zip(records(assets, f"pad16_{method}"), records(assets, f"pad_none_{method}"),
+                                 strict=True):
+        for key in ("loss", "grad_norm"):
+            if key in with_pad:
+                assert with_pad[key] == pytest.approx(without[key], rel=1e-5), key
