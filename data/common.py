@@ -68,6 +68,14 @@ def to_rows(dataset: Any) -> list[dict[str, Any]]:
     return list(dataset)
 
 
+def padded_length(example: dict[str, Any]) -> int:
+    """The width an example needs in a padded batch: its tokens (SFT), or the prompt plus the longer completion
+    (DPO, before --max_length truncation). What --group_by_length groups by."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
 def shuffled(items: list, seed: int) -> list:
     """Reorder like `datasets.Dataset.shuffle(seed=seed)` (NumPy's default PCG64 generator)."""
     permutation = np.random.default_rng(seed).permutation(len(items))

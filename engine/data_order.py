@@ -2,11 +2,20 @@
 
 A resumed run therefore needs only its position (micro-batches seen) to see exactly the micro-batches an
 uninterrupted one would, and the order matches TRL's seeded sampler.
+
+--group_by_length: transformers' `LengthGroupedSampler` order (`get_length_grouped_indices`, called as the Trainer
+calls it: batch size = per-device batch x gradient accumulation): a random permutation cut into megabatches of
+min(50, n / (4 x batch)) batches, each sorted by length, longest first, the longest example of all moved to the
+front. Its permutation comes from a generator seeded with `seed + epoch`, like the random order, so the order is
+still a function of (seed, epoch) and resume stays exact. transformers draws that permutation from the global
+torch RNG instead (accelerate's seedable sampler replaces only a plain RandomSampler), whose state depends on
+everything that drew random numbers before the epoch started; so TRL's grouped order is not reproducible, not
+even by TRL on resume, and we match its algorithm, not its draws.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +30,16 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator()
     generator.manual_seed(seed + epoch)
     return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def length_grouped_order(lengths: Sequence[int], group_batch_size: int, seed: int, epoch: int) -> list[int]:
+    """One epoch's --group_by_length order: transformers' `get_length_grouped_indices` with the permutation drawn
+    from a generator seeded with `seed + epoch` (see the module docstring)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return get_length_grouped_indices(list(lengths), group_batch_size, generator=generator)
 
 
 def micro_batches_of_epoch(order: list[int], batch_size: int, num_processes: int, process_index: int,
@@ -54,6 +73,14 @@ class DataOrder:
     num_processes: int = 1
     process_index: int = 0
     drop_last: bool = False  # --dataloader_drop_last
+    lengths: tuple[int, ...] | None = None  # --group_by_length: each example's padded length (None: random order)
+    group_batch_size: int = 1  # --group_by_length: per-device batch x gradient accumulation (transformers')
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example order of `epoch`: seeded random, or length-grouped with --group_by_length."""
+        if self.lengths is not None:
+            return length_grouped_order(self.lengths, self.group_batch_size, self.seed, epoch)
+        return epoch_order(self.num_examples, self.seed, epoch)
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -67,7 +94,17 @@ class DataOrder:
         while True:
             if offset == 0:  # a new epoch: a torch DataLoader draws its worker base seed here; keep TRL's stream
                 torch.empty((), dtype=torch.int64).random_()
-            order = epoch_order(self.num_examples, self.seed, epoch)
+            order = self.epoch_order(epoch)
             yield from micro_batches_of_epoch(order, self.batch_size, self.num_processes, self.process_index,
                                               self.drop_last)[offset:]
             epoch, offset = epoch + 1, 0
+
+
+def grouping(config, examples: list[dict]) -> tuple[tuple[int, ...] | None, int]:
+    """`DataOrder`'s (lengths, group_batch_size) for a run: set with --group_by_length, else (None, 1)."""
+    from data.common import padded_length
+
+    if not config.group_by_length:
+        return None, 1
+    lengths = tuple(padded_length(example) for example in examples)
+    return lengths, config.per_device_train_batch_size * config.gradient_accumulation_steps

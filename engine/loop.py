@@ -35,7 +35,7 @@ from engine import checkpoint as ckpt
 from engine import hub, setup
 from engine.checkpoint import TrainingState
 from engine.config import TrainConfig, config_to_dict
-from engine.data_order import DataOrder
+from engine.data_order import DataOrder, grouping
 from engine.data_order import epoch_order as epoch_order  # re-exported: tests and scripts/inspect_batch.py
 from engine.data_order import micro_batches_of_epoch as micro_batches_of_epoch
 from engine.errors import UserError
@@ -126,7 +126,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | 
         notes.append(check_resume(resume_from, saved, fingerprint, config.ignore_resume_mismatch))
     data_seed = config.seed if config.data_seed is None else config.data_seed  # the order's seed; init keeps --seed
     order = DataOrder(len(train_examples), config.per_device_train_batch_size, data_seed,
-                      accelerator.num_processes, accelerator.process_index, config.dataloader_drop_last)
+                      accelerator.num_processes, accelerator.process_index, config.dataloader_drop_last,
+                      *grouping(config, train_examples))
     if order.micro_batches_per_epoch == 0:
         raise UserError(f"--dataloader_drop_last: the {len(train_examples)} training examples do not fill one batch "
                         f"of {config.per_device_train_batch_size * accelerator.num_processes}; lower "

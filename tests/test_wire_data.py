@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import train as cli
 from engine.dpo import DPOMethod
@@ -121,3 +122,83 @@ def test_pad_to_multiple_of_rounds_the_width_and_changes_no_number(assets, colla
         for key in ("loss", "grad_norm"):
             if key in with_pad:
                 assert with_pad[key] == pytest.approx(without[key], rel=1e-5), key
+
+
+# ---------------------------------------------------------------------- 3. --group_by_length
+
+def widths_and_lengths(collated) -> list[tuple[int, list[int]]]:
+    return [(batch["input_ids"].shape[1], [len(e["input_ids"]) for e in examples]) for examples, batch in collated]
+
+
+def test_group_by_length_order_is_transformers_length_grouped_sampler():
+    """The order equals transformers' `get_length_grouped_indices` (LengthGroupedSampler) given the same
+    permutation: 48 examples, batch 2 x accumulation 2 -> megabatches of min(48 // 16, 50) = 3 x 4 = 12, each sorted
+    longest first, the longest of all moved to the front. The permutation is randperm(48) from a generator seeded
+    with seed + epoch (transformers draws it from the global RNG; see engine/data_order.py)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from engine.data_order import DataOrder
+
+    lengths = tuple((i * 37) % 23 + 1 for i in range(48))
+    order = DataOrder(48, 2, seed=7, lengths=lengths, group_batch_size=4)
+    for epoch in (0, 1):
+        got = order.epoch_order(epoch)
+        generator = torch.Generator().manual_seed(7 + epoch)
+        assert got == get_length_grouped_indices(list(lengths), 4, generator=generator)
+        permutation = torch.randperm(48, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        for start in range(0, 48, 12):
+            megabatch = got[start : start + 12]
+            rest = [lengths[i] for i in megabatch[1:]]
+            assert rest == sorted(rest, reverse=True)  # sorted within the megabatch (slot 0: the swap)
+            if start:
+                assert set(megabatch[1:]) <= set(permutation[start : start + 12])
+        assert lengths[got[0]] == max(lengths)
+    assert order.epoch_order(0) != order.epoch_order(1)  # a new draw each epoch
+
+
+@pytest.fixture(scope="module")
+def many_chats(assets):
+    """48 chat rows of 3 to ~40 tokens' answers: 4 megabatches of 12 at batch 2 x accumulation 2... grouping shows."""
+    rows = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(1, 2 + (i * 11) % 17))}]}
+            for i in range(48)]
+    (assets / "many").mkdir()
+    (assets / "many" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return assets / "many"
+
+
+def grouped_args(assets, many_chats, out: str, *extra: str) -> list[str]:
+    return run_args(assets, "sft", out, "--dataset_name", str(many_chats), "--per_device_train_batch_size", "2",
+                    "--gradient_accumulation_steps", "2", *extra)
+
+
+def test_group_by_length_batches_are_grouped_deterministic_and_resume_bit_exact(assets, many_chats, collated):
+    """Through the CLI: with --group_by_length the micro-batches of a megabatch come longest first and hold less
+    padding than the random order; a second run sees the same batches; a run resumed from step 3's checkpoint
+    sees the same later batches and logs bit-identical losses and gradient norms."""
+    assert cli.main(grouped_args(assets, many_chats, "grouped", "--max_steps", "6", "--group_by_length",
+                                 "--save_strategy", "steps", "--save_steps", "3")) == 0
+    grouped = widths_and_lengths(collated)
+    collated.clear()
+    assert cli.main(grouped_args(assets, many_chats, "random", "--max_steps", "6")) == 0
+    random_order = widths_and_lengths(collated)
+    collated.clear()
+
+    def padding(batches) -> int:
+        return sum(width * len(lengths) - sum(lengths) for width, lengths in batches)
+
+    assert padding(grouped) < padding(random_order) / 2
+    first_megabatch = [length for _, lengths in grouped[:6] for length in lengths]  # 12 examples = 6 micro-batches
+    assert first_megabatch[1:] == sorted(first_megabatch[1:], reverse=True)
+
+    assert cli.main(grouped_args(assets, many_chats, "grouped_again", "--max_steps", "6", "--group_by_length")) == 0
+    assert widths_and_lengths(collated) == grouped
+    collated.clear()
+
+    checkpoint = assets / "grouped" / "checkpoint-3"
+    assert cli.main(grouped_args(assets, many_chats, "grouped_resumed", "--max_steps", "6", "--group_by_length",
+                                 "--resume_from_checkpoint", str(checkpoint))) == 0
+    assert widths_and_lengths(collated) == grouped[6:]  # steps 4-6: micro-batches 7-12
+    full, resumed = records(assets, "grouped"), records(assets, "grouped_resumed")
+    steps_4_to_6 = [(r["loss"], r["grad_norm"]) for r in full if "loss" in r and r.get("step", 0) > 3]
+    assert len(steps_4_to_6) == 3 and [(r["loss"], r["grad_norm"]) for r in resumed if "loss" in r] == steps_4_to_6
