@@ -1,0 +1,156 @@
+"""Signals outside the training steps, through the real CLI (issue 12): SIGINT / SIGTERM while the data is being
+prepared, while the DPO reference log-probs are pre-computed (--precompute_ref_log_probs), and while their cache
+file is being written. Each must exit 128 + the signal's number with ONE `error:` line on stderr (no traceback)
+and leave the output folder empty: no cache file, no temporary file or folder, no lock.
+
+Real subprocesses get real signals. To send one at a known moment, `_WRAPPER` runs train.py's own `main()` with
+one engine function wrapped: it touches a marker file, then runs the REAL work again and again (or, for the cache
+write, waits after the real torch.save wrote the temporary file), so the signal lands inside that phase. The test
+waits for the marker (no sleeps) and sends the signal. The engine itself carries no test hooks. The four runs start
+together (their start-up, mostly importing torch, overlaps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WRAPPER = r'''
+"""train.py's main() with one phase held (the real work repeated) until a signal comes; see tests/test_faults_more."""
+import os, sys, time
+from pathlib import Path
+
+sys.path.insert(0, os.environ["FAULT_REPO"])
+import torch
+import engine.dpo, engine.sft
+
+marks, phase = Path(os.environ["FAULT_MARKS"]), os.environ["FAULT_PHASE"]
+DEADLINE_S = 120  # a signal that never comes: the run goes on and the test fails on the exit code
+
+
+def held(real):
+    done = []
+
+    def wrapper(*args, **kwargs):
+        if done:
+            return real(*args, **kwargs)
+        (marks / phase).touch()
+        deadline = time.time() + DEADLINE_S
+        while True:  # the real work, again and again, until the signal lands inside it
+            result = real(*args, **kwargs)
+            if time.time() > deadline:
+                done.append(True)
+                return result
+    return wrapper
+
+
+if phase == "preparing":
+    engine.sft.SFTMethod.prepare = held(engine.sft.SFTMethod.prepare)
+    engine.dpo.DPOMethod.prepare = held(engine.dpo.DPOMethod.prepare)
+elif phase == "precomputing":  # before step 1 the only scoring is the reference's pre-computation
+    engine.dpo.DPOMethod.sequence_logps = held(engine.dpo.DPOMethod.sequence_logps)
+elif phase == "writing-cache":
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if Path(f).name.startswith(".tmp-ref_logps"):  # the cache is written whole to its temporary name: wait
+            (marks / phase).touch()
+            deadline = time.time() + DEADLINE_S
+            while time.time() < deadline:
+                time.sleep(0.02)
+
+    torch.save = save
+import train
+
+sys.exit(train.main(sys.argv[1:]))
+'''
+
+# case -> (method, phase held, signal)
+CASES = {
+    "sft-preparing-sigint": ("sft", "preparing", signal.SIGINT),
+    "dpo-preparing-sigterm": ("dpo", "preparing", signal.SIGTERM),
+    "dpo-precomputing-sigint": ("dpo", "precomputing", signal.SIGINT),
+    "dpo-writing-cache-sigterm": ("dpo", "writing-cache", signal.SIGTERM),
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("signals")
+    (root / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    chats = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}."}]}
+             for i in range(16)]
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f" {i + 1}.", "rejected": f" {i + 2}."} for i in range(16)]
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (root / "wrapper.py").write_text(_WRAPPER)
+    return root
+
+
+class _Run:
+    def __init__(self, root: Path, case: str) -> None:
+        method, self.phase, self.signum = CASES[case]
+        self.marks, self.out = root / case / "marks", root / case / "out"
+        self.marks.mkdir(parents=True)
+        data = root / ("chat.jsonl" if method == "sft" else "pairs.jsonl")
+        args = ["--method", method, "--model_name_or_path", str(root / "model"), "--dataset_name", str(data),
+                "--output_dir", str(self.out), "--bf16", "False", "--disable_tqdm", "--max_steps", "2",
+                "--save_steps", "0", "--eval_steps", "0", "--per_device_train_batch_size", "2"]
+        if method == "dpo":
+            args.append("--precompute_ref_log_probs")
+        env = {**os.environ, "FAULT_REPO": str(REPO), "FAULT_MARKS": str(self.marks), "FAULT_PHASE": self.phase,
+               "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        self.stdout, self.stderr = (root / case / "stdout").open("w+"), (root / case / "stderr").open("w+")
+        self.process = subprocess.Popen([sys.executable, str(root / "wrapper.py"), *args], cwd=root, env=env,
+                                        stdout=self.stdout, stderr=self.stderr, text=True)
+
+    def signal_when_held(self, timeout_s: float = 240) -> tuple[int, str]:
+        """Wait for the phase's marker, send the signal, return (exit code, stderr)."""
+        deadline = time.time() + timeout_s
+        while not (self.marks / self.phase).exists():
+            assert self.process.poll() is None, self.output()
+            assert time.time() < deadline, f"{self.phase} never began\n{self.output()}"
+            time.sleep(0.05)
+        self.process.send_signal(self.signum)
+        code = self.process.wait(timeout=120)
+        return code, self.output()
+
+    def output(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    started = {case: _Run(workspace, case) for case in CASES}
+    yield started
+    for run in started.values():
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_signal_outside_the_steps_stops_with_one_line_and_leaves_nothing(runs, case):
+    """Exit 130 (SIGINT) / 143 (SIGTERM), as a shell reports a signal; one line naming the signal and saying that
+    nothing was left half-written and how to go on (no checkpoint existed: start over); the output folder is empty
+    (the cache's temporary file was removed, the lock released)."""
+    run = runs[case]
+    code, stderr = run.signal_when_held()
+    name = signal.Signals(run.signum).name
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 128 + run.signum, stderr[-3000:]
+    assert "Traceback" not in stderr and errors == [
+        f"error: stopped by {name} before the run finished; nothing was left half-written (files being written "
+        "were removed); run the same command again to start over"], stderr[-3000:]
+    assert sorted(p.name for p in run.out.iterdir()) == [], "left behind in the output folder"
