@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.disk_faults import DISK_KINDS, limited_disk
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,3 +157,96 @@ def test_a_signal_outside_the_steps_stops_with_one_line_and_leaves_nothing(runs,
         f"error: stopped by {name} before the run finished; nothing was left half-written (files being written "
         "were removed); run the same command again to start over"], stderr[-3000:]
     assert sorted(p.name for p in run.out.iterdir()) == [], "left behind in the output folder"
+
+
+# ---------------------------------------------------------------------- storage faults outside checkpoints
+
+
+def _comparison():
+    """A small, hand-made comparison: 2 held-out pairs, 1 prompt."""
+    import torch
+
+    from engine.compare.report import Comparison
+
+    side = {"preference_accuracy": 0.5, "mean_margin": 0.25, "mean_length": 3.0}
+    return Comparison(
+        logps={"policy": torch.tensor([[-1.0, -2.0], [-3.0, -2.5]]), "reference": torch.tensor([[-1.5, -1.0],
+                                                                                               [-2.0, -2.5]])},
+        prompts=["What is 1 + 1?"], answers={d: {"policy": [[1, 2]], "reference": [[3]]} for d in ("greedy", "sampled")},
+        texts={d: {"policy": ["2."], "reference": ["3."]} for d in ("greedy", "sampled")},
+        summary={"heldout_pairs": 2, "prompts": 1, "policy": side, "reference": side, "beta": 0.1,
+                 "implicit_reward_accuracy": 0.5, "implicit_reward_margin": 0.1, "kl_policy_reference": 0.01,
+                 "generation": {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": 42}})
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_compare_report_on_a_full_disk_names_the_file_and_what_was_written(kind, tmp_path):
+    """Room for report.json and report.md but not the PNG: one line naming margins.png, the cause, and the files
+    written whole before it; those two are complete (the JSON parses to the report), no PNG and no temporary file
+    is left; through scripts/compare.py's error path the line is printed once, exit 2."""
+    from engine.compare import write_report
+    from engine.compare.cli import run_main
+    from engine.errors import UserError
+
+    comparison = _comparison()
+    whole = write_report(comparison, tmp_path / "whole")
+    sizes = {path.name: path.stat().st_size for path in whole}
+    assert sizes["margins.png"] > 8192  # so the room below cannot hold it
+    page = 4096 if kind == "tmpfs" else 1
+    capacity = sum(-(-sizes[n] // page) * page for n in ("report.json", "report.md")) + 2 * page
+    with limited_disk(tmp_path, capacity, kind) as disk:
+        with pytest.raises(UserError) as raised:
+            write_report(comparison, disk / "report")
+        listing = sorted(p.name for p in (disk / "report").iterdir())
+        report = json.loads((disk / "report" / "report.json").read_text())
+        import argparse
+
+        code = run_main(argparse.ArgumentParser(), lambda args: write_report(comparison, disk / "again"), [])
+    line = str(raised.value)
+    assert re.fullmatch(r"could not write the comparison report's margins\.png \(\S+\): no space left on the device "
+                        r"\[ENOSPC\]; written whole before it: report\.json, report\.md; fix the cause and run "
+                        r"scripts/compare\.py again", line), line
+    assert listing == ["report.json", "report.md"] and report == comparison.report()
+    assert code == 2
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_trainer_state_and_model_card_on_a_full_disk_are_one_line_and_never_half_written(kind, tmp_path):
+    """trainer_state.json (TRL's file, engine/trl_checkpoint.py) and the model card on a disk with no room: one
+    StorageError line naming the file and the cause; no file and no temporary file is left."""
+    from engine.config import parse_config
+    from engine.model_card import write_model_card
+    from engine.storage import StorageError
+    from engine.trl_checkpoint import write_trainer_state
+
+    with limited_disk(tmp_path, 64, kind) as disk:
+        config = parse_config(["--method", "sft", "--output_dir", str(disk)])
+        try:  # fill the disk to the last byte
+            with open(disk / "filler", "wb", buffering=0) as filler:
+                for _ in range(10_000):
+                    filler.write(b"x" * 4096)
+        except OSError:
+            pass
+        with pytest.raises(StorageError) as state_fault:
+            write_trainer_state(disk, global_step=1, epoch=1.0, max_steps=1, num_train_epochs=1.0,
+                                log_history=[{"step": 1, "loss": 1.0}] * 200, config=config)
+        with pytest.raises(StorageError) as card_fault:
+            write_model_card(disk, config, {"train_loss": 1.0}, base_model="m", dataset="d", repo_id=None,
+                             versions={"torch": "x"})
+        listing = sorted(p.name for p in disk.iterdir())
+    assert str(state_fault.value).startswith(f"could not write trainer_state.json ({disk / 'trainer_state.json'}): "
+                                             "no space left on the device [ENOSPC]"), state_fault.value
+    assert str(card_fault.value).startswith("could not write the model card ("), card_fault.value
+    assert listing == ["filler"]
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
+    """A crash while a metrics line was appended leaves half a JSON line; the resumed run's writer drops it (and
+    the lines after the checkpoint's step) instead of failing on it."""
+    from types import SimpleNamespace
+
+    from engine.tracking import MetricsWriter, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsWriter(tmp_path, SimpleNamespace(is_main_process=True), resume_step=2)
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
