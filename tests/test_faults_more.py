@@ -250,3 +250,29 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     MetricsWriter(tmp_path, SimpleNamespace(is_main_process=True), resume_step=2)
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_reference_cache_on_a_full_disk_is_one_line_and_leaves_no_partial_file(workspace, tmp_path):
+    """--precompute_ref_log_probs on a disk with no room for the cache (the patched disk: a few hundred bytes; a
+    tmpfs cannot be made smaller than a page, which holds this cache): one line naming the cache, the cause and
+    that no checkpoint exists yet; neither the cache nor its temporary file is left."""
+    from tests.test_faults import _ON_SMALL_DISK
+
+    script = tmp_path / "small_disk.py"
+    script.write_text(_ON_SMALL_DISK)
+    args = ["--method", "dpo", "--model_name_or_path", str(workspace / "model"), "--dataset_name",
+            str(workspace / "pairs.jsonl"), "--output_dir", "{disk}/out", "--bf16", "False", "--disable_tqdm",
+            "--max_steps", "1", "--save_steps", "0", "--eval_steps", "0", "--per_device_train_batch_size", "2",
+            "--precompute_ref_log_probs"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(script), "patched", str(tmp_path), "300", *args], cwd=workspace,
+                            env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: could not write the reference log-prob cache \(\S+/out/ref_logps-\w+\.pt\): no space left on the "
+        r"device \[ENOSPC\]; no checkpoint was saved before this; free space \(or choose another --output_dir\), "
+        r"then start the run again", errors[0]), errors
+    left = json.loads(result.stdout.split("LEFT ", 1)[1])
+    assert left["listing"] == [], left
