@@ -13,10 +13,23 @@ Bad input ends with a one-line error (exit 2), never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM as Ctrl-C until the run installs its own handlers (engine/faults.py): one line even while importing.
+    try:
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread (called in-process by a test runner's thread)
+        return _main(argv)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from engine.errors import USER_ERRORS
 
     try:
@@ -35,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as interrupted:  # engine.faults.Interrupted says what survived; a bare one is Ctrl-C
+        print(f"error: {interrupted or 'interrupted'}", file=sys.stderr, flush=True)
+        return getattr(interrupted, "exit_code", 130)
     return 0
 
 

@@ -40,7 +40,7 @@ from engine.data_order import epoch_order as epoch_order  # re-exported: tests a
 from engine.data_order import micro_batches_of_epoch as micro_batches_of_epoch
 from engine.errors import UserError
 from engine.evaluation import evaluate
-from engine.faults import StopRequest, check_finite, check_finite_weights
+from engine.faults import StopRequest, check_finite, check_finite_weights, stop_at_once
 from engine.forward import LeanCausalLM, plain_model
 from engine.method import Method
 from engine.model_card import write_model_card
@@ -96,11 +96,12 @@ class _Run:
 def train(config: TrainConfig, *, step_hook: StepHook | None = None) -> TrainResult:
     """One run as `config` says: train, evaluate, checkpoint, write the final model into config.output_dir."""
     output_dir = Path(config.output_dir)
-    setup.check_output_dir(output_dir)
-    repo_id = hub.preflight(config)  # --push_to_hub: token, network, repo checked now, not after hours of training
-    accelerator = setup.build_accelerator(config)
-    with holding_output_dir(output_dir, accelerator):  # the run lock; storage faults and signals as one line
-        return _train(config, accelerator, step_hook, repo_id)
+    with stop_at_once(output_dir):  # SIGTERM / Ctrl-C at any moment: one line, nothing half-written
+        setup.check_output_dir(output_dir)
+        repo_id = hub.preflight(config)  # --push_to_hub: token, network, repo checked now, not after hours of work
+        accelerator = setup.build_accelerator(config)
+        with holding_output_dir(output_dir, accelerator):  # the run lock; storage faults as one line
+            return _train(config, accelerator, step_hook, repo_id)
 
 
 def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | None,
@@ -231,7 +232,7 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
     logs: list[dict[str, Any]] = []
     progress = tqdm(total=state.total_steps, initial=state.global_step, desc=f"{config.method}", unit="step",
                     disable=config.disable_tqdm or not accelerator.is_main_process, dynamic_ncols=True)
-    with StopRequest() as stop:
+    with StopRequest(config.output_dir) as stop:
         if eval_examples and config.eval_on_start and state.global_step == 0:
             _evaluate_now(run, state, eval_examples, logs)
         while state.global_step < state.total_steps:

@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import shlex
-import signal
 import socket
 import sys
 import threading
@@ -166,25 +165,12 @@ class RunLock:
 # ---------------------------------------------------------------------- a whole run
 
 
-class Interrupted(UserError):
-    """SIGTERM / SIGINT outside the training steps (data preparation, the reference pre-computation, the final
-    save): every writer is atomic, so stopping at once leaves nothing half-written."""
-
-
-def _interrupt(signum, frame) -> None:
-    raise Interrupted(f"stopped by signal {signal.Signals(signum).name} before training finished; nothing was left "
-                      "half-written (files being written were removed); run the same command again to start over, "
-                      "or resume from a checkpoint with --resume_from_checkpoint latest")
-
-
 @contextmanager
 def holding_output_dir(output_dir: Path, accelerator) -> Iterator[None]:
     """One run's hold on its output folder, around everything it does after the folder check:
 
     - the run lock (taken on the main process; every process gets its outcome), released at the end;
     - cleanup of an interrupted save (a `.tmp-*` folder, a checkpoint moved aside), once the lock is ours;
-    - SIGTERM / SIGINT stop the run at once with one line (the training steps install their own handler, which
-      finishes the step and checkpoints first);
     - a storage fault anywhere comes out as one line that also names the newest whole checkpoint and the resume
       command.
     """
@@ -194,12 +180,6 @@ def holding_output_dir(output_dir: Path, accelerator) -> Iterator[None]:
         note = lock.acquire()
         return ([note] if note else []) + storage.recover_interrupted_saves(output_dir)
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        for sig in previous:
-            signal.signal(sig, _interrupt)
-    except ValueError:  # not the main thread (a test runner's): signals stay as they are
-        previous = {}
     try:
         for note in decide_on_main(accelerator, take):
             if accelerator.is_main_process:
@@ -209,5 +189,3 @@ def holding_output_dir(output_dir: Path, accelerator) -> Iterator[None]:
         raise fault.with_survivor(newest_whole_checkpoint(output_dir)) from fault
     finally:
         lock.release()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

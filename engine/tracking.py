@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.storage import append_line, write_text_atomically
+from engine.storage import append_line, write_text_atomically, writing
 
 
 def start_trackers(accelerator, config) -> None:
@@ -60,17 +60,20 @@ class MetricsWriter:
         self.path = Path(output_dir) / "metrics.jsonl"
         self.accelerator = accelerator
         if accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._truncate_after(resume_step)
+            with writing("metrics.jsonl", self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run."""
+        """On resume, drop lines logged after the checkpoint so the file reads as one uninterrupted run (and a last
+        line cut short by a crash while it was appended)."""
         if not self.path.exists():
             return
         if step == 0:
             self.path.unlink()
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if (record := _record(line)) is not None and record.get("step", 0) <= step]
         write_text_atomically(self.path, "".join(line + "\n" for line in kept), what="metrics.jsonl")
 
     def write(self, record: dict) -> None:
@@ -80,6 +83,15 @@ class MetricsWriter:
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.accelerator.trackers:
             self.accelerator.log(scalars, step=record["step"])
+
+
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record; None for a blank line or one a crash cut short."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:

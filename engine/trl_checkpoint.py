@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.storage import write_text_atomically
 
 TRAINER_STATE_FILE = "trainer_state.json"
 NANOPOST_STATE_FILE = "nanopost_state.json"
@@ -41,7 +42,7 @@ def write_trainer_state(folder: str | os.PathLike, *, global_step: int, epoch: f
         "trial_name": None, "trial_params": None, "stateful_callbacks": {},
     }
     path = Path(folder) / TRAINER_STATE_FILE
-    path.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(path, json.dumps(state, indent=2, sort_keys=True) + "\n", what=TRAINER_STATE_FILE)
     return path
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from engine import storage
 from engine.compare.generate import Sampling, decode_completions, generate
 from engine.compare.load import Judge
 from engine.compare.plots import save_margin_histogram, save_training_curves
@@ -120,26 +122,39 @@ def win_rate(judge: Judge, prompts: list[str], policy_answers: list[str], refere
 def write_report(comparison: Comparison, output_dir: str | Path, metrics_dir: str | Path | None = None) -> list[Path]:
     """report.json, report.md, margins.png, and training_curves.png when `metrics_dir` holds a metrics.jsonl.
 
+    Each file is written whole or not at all (engine/storage.py); a full disk or a read-only folder stops with one
+    line naming the file that could not be written, why, and the files written whole before it.
+
     Returns:
         the files written.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     report = comparison.report()
-    written = [output_dir / "report.json", output_dir / "report.md", output_dir / "margins.png"]
-    written[0].write_text(json.dumps(report, indent=2) + "\n")
-    written[1].write_text(markdown(report))
-    save_margin_histogram({name: (comparison.logps[name][:, 0] - comparison.logps[name][:, 1]).tolist()
-                           for name in ("reference", "policy")}, written[2])
-    metrics_file = Path(metrics_dir) / "metrics.jsonl" if metrics_dir is not None else None
-    if metrics_file is not None and metrics_file.is_file():
-        from engine.tracking import read_metrics
+    written: list[Path] = []
 
-        written.append(output_dir / "training_curves.png")
-        try:
-            save_training_curves(read_metrics(metrics_dir), written[-1], title=str(metrics_dir))
-        except (ValueError, json.JSONDecodeError) as error:
-            raise UserError(f"{metrics_file}: cannot draw the training curves ({error})") from None
+    def put(name: str, write: Callable[[Path], object]) -> None:
+        with storage.atomic_file(output_dir / name, what=f"the comparison report's {name}") as tmp:
+            write(tmp)
+        written.append(output_dir / name)
+
+    metrics_file = Path(metrics_dir) / "metrics.jsonl" if metrics_dir is not None else None
+    margins = {name: (comparison.logps[name][:, 0] - comparison.logps[name][:, 1]).tolist() for name in ("reference", "policy")}
+    try:
+        put("report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8"))
+        put("report.md", lambda tmp: tmp.write_text(markdown(report), encoding="utf-8"))
+        put("margins.png", lambda tmp: save_margin_histogram(margins, tmp))
+        if metrics_file is not None and metrics_file.is_file():
+            from engine.tracking import read_metrics
+
+            try:
+                records = read_metrics(metrics_dir)
+                put("training_curves.png", lambda tmp: save_training_curves(records, tmp, title=str(metrics_dir)))
+            except (ValueError, json.JSONDecodeError) as error:
+                raise UserError(f"{metrics_file}: cannot draw the training curves ({error})") from None
+    except storage.StorageError as fault:
+        kept = ", ".join(path.name for path in written) or "none"
+        raise UserError(f"{fault}; written whole before it: {kept}; fix the cause and run scripts/compare.py "
+                        "again") from fault
     return written
 
 
