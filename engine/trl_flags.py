@@ -133,7 +133,6 @@ RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_
 
 # TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
 AWAITING_LOOP: dict[str, str] = {
-    "optim": "loop: engine.optim.build_optimizer", "optim_args": "loop: engine.optim.build_optimizer",
     "lr_scheduler_kwargs": "loop: build_scheduler passes the kwargs",
     "gradient_checkpointing_kwargs": "setup: model.gradient_checkpointing_enable(**kwargs)",
     "dtype": "setup: from_pretrained(dtype=...)", "use_cpu": "setup: Accelerator(cpu=True)",

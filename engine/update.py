@@ -1,4 +1,5 @@
-"""How the weights are updated: AdamW over decay / no-decay groups as TRL sets it up, the schedule, clipping."""
+"""How the weights are updated: the --optim optimizer over decay / no-decay groups as TRL sets it up, the schedule,
+clipping."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import torch
 from accelerate import Accelerator
 
+from engine import optim
 from engine.config import TrainConfig
 
 # transformers' convention (what TRL uses): no weight decay on biases and normalisation weights.
@@ -15,7 +17,8 @@ _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; fused where torch supports it (TRL's default `adamw_torch_fused`)."""
+    """The --optim optimizer (engine/optim.py) over TRL's groups: weight decay on all trainable parameters but
+    biases, norms and LayerNorm weights, which get none."""
     no_decay_modules = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -27,14 +30,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    device = next(model.parameters()).device
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        fused=device.type in ("cpu", "cuda"),
-    )
+    return optim.build_optimizer([g for g in groups if g["params"]], config)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0,
