@@ -250,7 +250,7 @@ def _weights_fingerprint(model: nn.Module, adapters_off: bool = False) -> str:
     """A cheap fingerprint of the weights: shapes plus a strided sample of every tensor."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if adapters_off and "lora_" in name:
+        if adapters_off and ("lora_" in name or ".modules_to_save." in name):  # what the adapters add
             continue
         flat = tensor.detach().reshape(-1)
         step = max(flat.numel() // 4096, 1)

@@ -143,8 +143,6 @@ AWAITING_LOOP: dict[str, str] = {
     "padding_free": "data: padding-free collation", "pad_to_multiple_of": "data: collator padding",
     "max_prompt_length": "data: engine.prompt_truncation.truncate_prompt",
     "neftune_noise_alpha": "setup: engine.neftune.add_neftune_hook",
-    "lora_task_type": "lora: adapter_config.json task_type", "lora_modules_to_save": "lora: trainable copies",
-    "use_dora": "lora: DoRA magnitude vector",
 }
 
 
