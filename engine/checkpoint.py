@@ -3,6 +3,7 @@
     <output_dir>/checkpoint-<step>/
         model.safetensors, config.json     (or adapter_model.safetensors + adapter_config.json with LoRA)
         optimizer.pt, scheduler.pt, rng_state.pth
+        method_state.safetensors           (only when the method has state of its own: TR-DPO's reference)
         nanopost_state.json                (ours: global_step, epoch, data position, metric window, method)
         trainer_state.json                 (transformers' TrainerState, written last: marks the folder complete)
 
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from engine import integrity, storage
 from engine.config import TrainConfig
@@ -43,6 +45,7 @@ from engine.trl_checkpoint import (
 )
 
 STATE_FILE = TRAINER_STATE_FILE  # the completion marker, written last
+METHOD_STATE_FILE = "method_state.safetensors"  # Method.checkpoint_tensors(), e.g. TR-DPO's moving reference
 
 
 @dataclass
@@ -176,9 +179,11 @@ def check_free_space_for_run(config: TrainConfig, accelerator: Accelerator, mode
 
 
 def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Accelerator, model, optimizer, scheduler,
-                    config: TrainConfig, tokenizer, last_checkpoint: Path | None) -> Path:
+                    config: TrainConfig, tokenizer, last_checkpoint: Path | None,
+                    method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `<output_dir>/checkpoint-<step>` atomically with its manifest (every process calls it; the main process
-    writes), after checking the disk can hold it; `last_checkpoint` is what survives if it cannot."""
+    writes), after checking the disk can hold it; `last_checkpoint` is what survives if it cannot. `method_state`:
+    the method's own tensors (`Method.checkpoint_tensors`), saved when not empty."""
     final = output_dir / f"checkpoint-{state.global_step}"
     what = f"checkpoint {state.global_step}"
     needed = storage.estimate_checkpoint_bytes(plain_model(accelerator, model), optimizer,
@@ -195,6 +200,9 @@ def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Acceler
             torch.save(optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(rng_state(), folder / "rng_state.pth")
+            if method_state:
+                save_file({k: v.detach().cpu().contiguous() for k, v in method_state.items()},
+                          str(folder / METHOD_STATE_FILE), metadata={"format": "pt"})
         (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
         (folder / NANOPOST_STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2) + "\n")
         write_trainer_state_of(folder, state, config, output_dir)  # marks the folder complete
@@ -223,6 +231,15 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, model, optimizer, sc
     with integrity.reading(folder / "rng_state.pth", what="the RNG state"):
         set_rng_state(torch.load(folder / "rng_state.pth", weights_only=False))
     return state
+
+
+def read_method_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The method's own tensors saved in checkpoint `folder` (method_state.safetensors), or None if it has none."""
+    path = folder / METHOD_STATE_FILE
+    if not path.is_file():
+        return None
+    with integrity.reading(path, what="the method state"):
+        return load_file(str(path))
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep: int | None, spare: str | None = None) -> None:

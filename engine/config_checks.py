@@ -104,6 +104,13 @@ def validate_config(config: Any) -> None:
 
         validate_loss_config(config.loss_type, config.loss_weights, config.loss_options(),
                              use_weighting=config.use_weighting, ld_alpha=config.ld_alpha)
+        from losses import needs_reference
+
+        # `sft` alone still runs a reference (TRL logs rewards/* against it), so only a truly reference-free
+        # loss (simpo, orpo, ...) has no reference to sync.
+        if config.sync_ref_model and not needs_reference(config.loss_type) and set(config.loss_type) != {"sft"}:
+            raise bad("sync_ref_model", f"--loss_type {' '.join(config.loss_type)} uses no reference model, so "
+                      "there is none to sync; drop --sync_ref_model or use a loss with a reference (e.g. sigmoid)")
 
 
 def _validate_loop_flags(config: Any, bad) -> None:

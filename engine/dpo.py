@@ -5,7 +5,9 @@ log-prob is the SUM of its completion tokens' log-probs (prompt and padding mask
 function in losses/ picked by name (`--loss_type`), combined as Σ_k w_k · mean_batch(L_k) like TRL 1.16.
 
 Where the reference log-probs come from: `self.reference.logps(batch)`, one object whatever its kind
-(precomputed, a separate or copied frozen model, adapters off), built in `setup` by engine/reference.py.
+(precomputed, a separate or copied frozen model, adapters off), built in `setup` by engine/reference.py. With
+--sync_ref_model (TR-DPO) it follows the policy after optimizer steps (`after_optimizer_step`), and its weights
+travel in checkpoints (`checkpoint_tensors`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from engine.config import TrainConfig
+from engine.errors import UserError
 from engine.forward import LeanCausalLM
 from engine.method import Method
+from engine.ref_sync import should_sync
 from engine.reference import Reference, build_reference
 from engine.window import Window
 from losses.logps import TokenStats
@@ -76,6 +80,27 @@ class DPOMethod(Method):
             self.reference = build_reference(self.config, policy, self.sequence_logps, accelerator, self.collate,
                                              train_examples, self.eval_examples)
         return policy
+
+    def after_optimizer_step(self, policy: nn.Module, global_step: int) -> None:
+        """TR-DPO (--sync_ref_model): after every ref_model_sync_steps-th step, as TRL's SyncRefModelCallback."""
+        if self.config.sync_ref_model and should_sync(global_step, self.config.ref_model_sync_steps):
+            self.reference.sync(policy, self.config.ref_model_mixup_alpha)
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """TR-DPO's reference has moved away from the starting model: a checkpoint holds its weights."""
+        return self.reference.state_tensors() if self.config.sync_ref_model else {}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, Tensor] | None, global_step: int) -> None:
+        if not self.config.sync_ref_model:
+            if tensors:
+                raise UserError("the checkpoint holds a TR-DPO reference (it was trained with --sync_ref_model); "
+                                "resume with --sync_ref_model and the same --ref_model_* flags")
+            return
+        if tensors:
+            self.reference.load_state_tensors(tensors)
+        elif global_step >= self.config.ref_model_sync_steps:  # a sync happened, and its result was not saved
+            raise UserError(f"--sync_ref_model: the checkpoint of step {global_step} holds no reference weights "
+                            "(it was trained without --sync_ref_model); resume without it, or start again")
 
     @property
     def ref_model(self):

@@ -149,6 +149,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | 
                           total_steps=total_steps, resume_fingerprint=fingerprint.to_dict())
     if resume_from is not None:
         state = _resume(resume_from, state, accelerator, policy, optimizer, scheduler, config.use_peft)
+        method.load_checkpoint_tensors(ckpt.read_method_state(resume_from), state.global_step)  # TR-DPO's reference
     if accelerator.is_main_process:
         for note in filter(None, notes):
             print(f"[nanopost] {note}", flush=True)
@@ -265,7 +266,7 @@ def _run_steps(run: _Run, state: TrainingState, order: DataOrder, train_examples
                 check_finite_weights(accelerator, run.model, state.global_step, run.last_checkpoint)
                 run.last_checkpoint = ckpt.save_checkpoint(Path(config.output_dir), state, accelerator, run.model,
                                                            run.optimizer, run.scheduler, config, run.tokenizer,
-                                                           run.last_checkpoint)
+                                                           run.last_checkpoint, run.method.checkpoint_tensors())
             if stop_now:
                 progress.close()
                 raise UserError(
@@ -348,6 +349,7 @@ def _optimizer_step(run: _Run, state: TrainingState) -> tuple[torch.Tensor, floa
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.global_step += 1
+    run.method.after_optimizer_step(plain_model(run.accelerator, run.model), state.global_step)  # TR-DPO's sync
     return grad_norm, learning_rate
 
 

@@ -2,6 +2,8 @@
 
 The loop knows nothing else about a method. A method turns raw rows into examples and examples into batches,
 computes one micro-batch's loss and metrics, and may prepare something once before step 1 (DPO: its reference).
+A method may also act after each optimizer step (TR-DPO: the reference follows the policy) and keep state that a
+checkpoint must carry (`checkpoint_tensors`, restored on resume by `load_checkpoint_tensors`).
 """
 
 from __future__ import annotations
@@ -47,3 +49,15 @@ class Method(ABC):
     @abstractmethod
     def evaluate_batch(self, policy: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
         """One held-out batch's metrics (`loss` and the method's others), without gradients."""
+
+    def after_optimizer_step(self, policy: nn.Module, global_step: int) -> None:
+        """After optimizer step `global_step` (1-based), with the plain (unwrapped) policy. Default: nothing."""
+        return None
+
+    def checkpoint_tensors(self) -> dict[str, Tensor]:
+        """State of the method itself that a checkpoint must hold to resume exactly (default: none)."""
+        return {}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, Tensor] | None, global_step: int) -> None:
+        """On resume: what `checkpoint_tensors` saved in the checkpoint of step `global_step` (None: none saved)."""
+        return None

@@ -14,8 +14,10 @@ The timing rule: before step 1 the policy IS the starting model. `Precomputed` r
 reference model it scores the policy itself, and never copies it), and `FrozenModel` copies the policy then.
 Both happen in `build_reference`, which the engine calls before the optimizer exists (see `DPOMethod.setup`).
 
-`sync(policy)` is where a reference that follows the policy hooks in (TR-DPO's periodic update); the kinds here
-are fixed for the whole run, so it does nothing.
+TR-DPO (`--sync_ref_model`, engine/ref_sync.py): `sync(policy, alpha)` moves the reference towards the policy after
+every `--ref_model_sync_steps`-th optimizer step. Only a `FrozenModel` can follow (its weights are its own, and are
+saved in each checkpoint: `state_tensors` / `load_state_tensors`); the other kinds are refused before step 1 with
+the reason (`cannot_sync`), as TRL 1.16 refuses PEFT and precomputed references.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from engine import integrity, storage
 from engine.errors import UserError
 from engine.forward import LeanCausalLM
+from engine.ref_sync import sync_reference
 
 # (model, batch) -> per-row summed completion log-probs [chosen; rejected], (2B,): DPOMethod.sequence_logps
 SequenceScorer = Callable[[nn.Module, dict[str, Tensor]], Tensor]
@@ -46,8 +50,19 @@ class Reference:
     def logps(self, batch: dict[str, Tensor], train: bool = True) -> Tensor:
         raise NotImplementedError
 
-    def sync(self, policy: nn.Module) -> None:
-        """Called with the policy after an optimizer step; a fixed reference ignores it (TR-DPO would copy)."""
+    # Why this kind of reference cannot follow the policy (TR-DPO), or None when it can.
+    cannot_sync: str | None = "this reference cannot follow the policy"
+
+    def sync(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO: θ_ref ← α·θ_policy + (1 − α)·θ_ref, with `policy` the plain (unwrapped) policy model."""
+        raise RuntimeError(f"--sync_ref_model: {self.cannot_sync}")
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The reference's weights, when they change during the run (TR-DPO) and a checkpoint must hold them."""
+        raise RuntimeError(f"--sync_ref_model: {self.cannot_sync}")
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        raise RuntimeError(f"--sync_ref_model: {self.cannot_sync}")
 
 
 class FrozenModel(Reference):
@@ -61,13 +76,34 @@ class FrozenModel(Reference):
         self._lean = LeanCausalLM(self.model)
         self._score = score
 
+    cannot_sync = None
+
     @torch.no_grad()
     def logps(self, batch: dict[str, Tensor], train: bool = True) -> Tensor:
         return self._score(self._lean, batch)
 
+    def sync(self, policy: nn.Module, alpha: float) -> None:
+        sync_reference(policy, self.model, alpha)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        # Parameters only (buffers such as rotary frequencies never change); tied weights appear once.
+        return {name: param.detach() for name, param in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        if set(tensors) != set(params) or any(tensors[n].shape != p.shape for n, p in params.items()):
+            raise UserError("the checkpoint's TR-DPO reference weights do not match this run's reference model "
+                            "(another --ref_model_name_or_path?); resume with the flags of the run that saved it")
+        for name, param in params.items():
+            param.copy_(tensors[name])
+
 
 class AdaptersOff(Reference):
     """The policy with its LoRA adapters switched off: the base model it started from, no second copy."""
+
+    cannot_sync = ("with --use_peft the reference is the base model under the adapters, which the adapters "
+                   "cannot move (TRL 1.16 refuses sync_ref_model with PEFT too); train the full model for TR-DPO")
 
     def __init__(self, policy: LeanCausalLM, score: SequenceScorer) -> None:
         self._policy = policy
@@ -83,6 +119,9 @@ class AdaptersOff(Reference):
 
 class Precomputed(Reference):
     """Reference log-probs looked up by each pair's `index`: the training table, or the held-out one."""
+
+    cannot_sync = ("precomputed reference log-probs are fixed before step 1 (TRL 1.16 refuses the combination "
+                   "too); drop --precompute_ref_log_probs for TR-DPO")
 
     def __init__(self, train_table: dict[int, tuple[float, float]],
                  eval_table: dict[int, tuple[float, float]] | None) -> None:
@@ -112,6 +151,9 @@ def build_reference(config, policy: LeanCausalLM, score: SequenceScorer, acceler
         reference = _StartingPolicy(policy, score)  # scored once below, so the policy is never copied
     else:
         reference = FrozenModel(copy.deepcopy(policy.causal_lm), score, accelerator.device)
+    if config.sync_ref_model:  # (config_checks already refuses it with --precompute_ref_log_probs / --use_peft)
+        check_can_sync(Precomputed if config.precompute_ref_log_probs else reference, policy, accelerator,
+                       config.ref_model_name_or_path)
     if not config.precompute_ref_log_probs:
         return reference
     table = _cached_table(config, reference, policy, accelerator, collate, train_examples)
@@ -119,6 +161,26 @@ def build_reference(config, policy: LeanCausalLM, score: SequenceScorer, acceler
     if eval_examples:  # the held-out split's reference too, while it is at hand (not cached)
         eval_table = _reference_table(reference, accelerator, collate, eval_examples, config)
     return Precomputed(table, eval_table)  # any reference model is not needed any more: its memory is freed
+
+
+def check_can_sync(reference: Reference | type[Reference], policy: LeanCausalLM, accelerator, ref_name: str | None) -> None:
+    """Before step 1: refuse `--sync_ref_model` (one line, why, what instead) where the reference cannot follow."""
+    from engine.setup import is_sharded
+
+    if reference.cannot_sync is not None:
+        raise UserError(f"--sync_ref_model: {reference.cannot_sync}")
+    if is_sharded(accelerator):
+        raise UserError(f"--sync_ref_model with {accelerator.distributed_type.value} is not supported (the policy "
+                        "is sharded, the reference is not); use plain data parallel: "
+                        "--config_file configs/accelerate/ddp_gpu.yaml")
+    policy_shapes = [tuple(p.shape) for p in policy.causal_lm.parameters()]
+    reference_shapes = [tuple(p.shape) for p in reference.model.parameters()]
+    if policy_shapes != reference_shapes:
+        raise UserError(f"--sync_ref_model: --ref_model_name_or_path {ref_name} has another architecture than the "
+                        f"policy ({len(reference_shapes)} parameter tensors of "
+                        f"{sum(math.prod(s) for s in reference_shapes):,} values, the policy "
+                        f"{len(policy_shapes)} of {sum(math.prod(s) for s in policy_shapes):,}), so it cannot be "
+                        "mixed with it; give a reference of the policy's architecture, or none")
 
 
 class _StartingPolicy(Reference):
@@ -188,7 +250,7 @@ def _weights_fingerprint(model: nn.Module, adapters_off: bool = False) -> str:
     """A cheap fingerprint of the weights: shapes plus a strided sample of every tensor."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if adapters_off and "lora_" in name:
+        if adapters_off and ("lora_" in name or ".modules_to_save." in name):  # what the adapters add
             continue
         flat = tensor.detach().reshape(-1)
         step = max(flat.numel() // 4096, 1)

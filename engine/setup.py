@@ -193,6 +193,9 @@ def _inject_lora(model, config: TrainConfig, accelerator: Accelerator, adapter_d
             dropout=config.lora_dropout,
             target_modules=config.lora_target_modules or "all-linear",
             use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            modules_to_save=config.lora_modules_to_save,
+            task_type=config.lora_task_type,
         )
         model = inject_lora(model, lora_config)
     if accelerator.is_main_process:

@@ -140,11 +140,6 @@ AWAITING_LOOP: dict[str, str] = {
     "torch_compile_mode": "setup: torch.compile",
     "padding_free": "data: padding-free collation",
     "neftune_noise_alpha": "setup: engine.neftune.add_neftune_hook",
-    "sync_ref_model": "loop: engine.ref_sync.sync_reference every ref_model_sync_steps",
-    "ref_model_mixup_alpha": "loop: engine.ref_sync.sync_reference",
-    "ref_model_sync_steps": "loop: engine.ref_sync.sync_reference",
-    "lora_task_type": "lora: adapter_config.json task_type", "lora_modules_to_save": "lora: trainable copies",
-    "use_dora": "lora: DoRA magnitude vector",
 }
 
 

@@ -6,8 +6,9 @@
         ...
     save_adapter(model, "out")                        # PeftModel.from_pretrained(base, "out") loads it
 
-Files: config.py (LoRAConfig), layer.py (LoRALinear, W + s·B·A), inject.py (targets, freezing, counts),
-merge.py (merge / unmerge / disable / unload), peft_io.py (adapter_config.json + adapter_model.safetensors).
+Files: config.py (LoRAConfig), layer.py (LoRALinear, W + s·B·A, and DoRA), inject.py (targets, freezing, counts),
+modules_to_save.py (whole modules trained next to the adapter), merge.py (merge / unmerge / disable / unload),
+peft_io.py (adapter_config.json + adapter_model.safetensors).
 """
 
 from lora.config import ALL_LINEAR, LoRAConfig
@@ -20,12 +21,21 @@ from lora.inject import (
 )
 from lora.layer import LoRALinear
 from lora.merge import disable_adapters, merge_lora, merged_model, unload, unmerge_lora
-from lora.peft_io import load_adapter, load_adapter_weights, read_adapter_config, save_adapter
+from lora.modules_to_save import ModulesToSave
+from lora.peft_io import (
+    adapter_tensors,
+    load_adapter,
+    load_adapter_weights,
+    read_adapter_config,
+    save_adapter,
+)
 
 __all__ = [
     "ALL_LINEAR",
     "LoRAConfig",
     "LoRALinear",
+    "ModulesToSave",
+    "adapter_tensors",
     "disable_adapters",
     "find_target_modules",
     "inject_lora",

@@ -39,7 +39,26 @@ class LoRAConfig:
     """rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scaling alpha / sqrt(r), so the update does not vanish
     as r grows."""
 
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output feature on top of the low-rank
+    update (lora/layer.py)."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full next to the adapter (e.g. ["lm_head"]): a trainable copy each, saved with the adapter
+    (lora/modules_to_save.py). Matched as PEFT matches them: a module whose name ends with an entry."""
+
+    task_type: str = "CAUSAL_LM"
+    """PEFT's task type, written to adapter_config.json. Only CAUSAL_LM: the models here are causal LMs."""
+
     def __post_init__(self) -> None:
+        if self.task_type != "CAUSAL_LM":
+            raise LoRAError(f"LoRA task_type={self.task_type!r}: only CAUSAL_LM (a causal language model's head) is "
+                            "supported; the other PEFT task types add heads these models do not have")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(n, str) and n for n in self.modules_to_save):
+                raise LoRAError(f"LoRA modules_to_save={self.modules_to_save!r}: need a list of module names "
+                                "(e.g. lm_head embed_tokens)")
+            self.modules_to_save = list(self.modules_to_save) or None
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise LoRAError(f"LoRA r={self.r!r}: the rank must be an integer >= 1 (e.g. 16)")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):

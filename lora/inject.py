@@ -1,4 +1,5 @@
-"""Put `LoRALinear` layers into a model by module-name patterns, freeze the rest, and count parameters.
+"""Put `LoRALinear` layers into a model by module-name patterns (and `modules_to_save` copies), freeze the rest,
+and count parameters.
 
     model = inject_lora(model, LoRAConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
     optimizer = torch.optim.AdamW(lora_parameters(model).values(), lr=1e-4)
@@ -19,6 +20,7 @@ from torch import nn
 from lora.config import ALL_LINEAR, LoRAConfig
 from lora.errors import LoRAError
 from lora.layer import LoRALinear
+from lora.modules_to_save import find_modules_to_save, wrap_modules_to_save
 
 # The config used by `inject_lora`, kept on the model so `save_adapter` can write adapter_config.json.
 CONFIG_ATTRIBUTE = "nanopost_lora_config"
@@ -30,13 +32,14 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter parameters (every lora_A / lora_B weight) by full parameter name.
+    """The adapter parameters (every lora_A / lora_B weight, and DoRA's lora_magnitude_vector) by full name.
 
-    Names are as in `model.named_parameters()`, e.g. "model.layers.0.self_attn.q_proj.lora_A.weight".
+    Names are as in `model.named_parameters()`, e.g. "model.layers.0.self_attn.q_proj.lora_A.weight". The
+    trainable copies of `modules_to_save` are not adapter parameters: see `lora.modules_to_save`.
     """
     params: dict[str, nn.Parameter] = {}
     for layer_name, layer in lora_layers(model).items():
-        for part in ("lora_A", "lora_B"):
+        for part in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if layer.use_dora else ()):
             for param_name, param in getattr(layer, part).named_parameters():
                 params[f"{layer_name}.{part}.{param_name}"] = param
     return params
@@ -58,8 +61,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Wrap every targeted `nn.Linear` in a `LoRALinear` and freeze everything but the adapters.
 
     The model is changed in place and returned. After this, only lora_A / lora_B weights have
-    `requires_grad=True`. Layers are created in `named_modules()` order, consuming the global RNG as PEFT
-    does, so `torch.manual_seed(s)` before both gives the same initial adapters.
+    `requires_grad=True` (and DoRA's magnitudes, and the copies of `modules_to_save`). Layers are created in
+    `named_modules()` order, consuming the global RNG as PEFT does, so `torch.manual_seed(s)` before both gives
+    the same initial adapters.
 
     Args:
         model: any module; for "all-linear" a transformers model (its `get_output_embeddings()` is the
@@ -80,6 +84,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         )
     names = find_target_modules(model, config.target_modules)
     _check_not_tied(model, names)
+    to_save = find_modules_to_save(model, config.modules_to_save, names) if config.modules_to_save else []
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -88,12 +93,14 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         parent = model.get_submodule(parent_name)
         base_layer = getattr(parent, child_name)
         layer = LoRALinear(
-            base_layer, r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora
+            base_layer, r=config.r, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
         )
         # A new module starts in training mode; inside a model in eval mode its dropout would then be active.
         # (PEFT leaves that to the next model.train() / model.eval().)
         layer.train(base_layer.training)
         setattr(parent, child_name, layer)
+    wrap_modules_to_save(model, to_save)
     setattr(model, CONFIG_ATTRIBUTE, config)
 
     # With reentrant gradient checkpointing, a checkpointed block whose inputs do not require grad gives its

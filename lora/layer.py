@@ -30,6 +30,14 @@ r"""`LoRALinear`: a frozen `nn.Linear` plus a trainable low-rank update (Hu et a
 W (and its bias) stay frozen; only A and B train. Because B starts at zero the adapted model starts out
 exactly equal to the base model. Merging folds s·B·A into W so inference costs nothing extra.
 
+DoRA (Liu et al. 2024, arXiv:2402.09353; `use_dora=True`) splits the adapted weight into a direction and a learned
+magnitude m (out,) per output feature, initialised to the row norms of W:
+
+    h = m / ‖W + s·B·A‖_row · (W + s·B·A)·x + bias,     ‖·‖_row detached (the paper's section 4.3)
+
+computed exactly as PEFT 0.21.2's `DoraLinearLayer` does (see `LoRALinear.dora_delta`), so logits and gradients
+agree with PEFT's bit for bit. m is saved under PEFT's key `<module>.lora_magnitude_vector`.
+
 The module layout is PEFT's (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so an adapter parameter
 `<module>.lora_A.weight` is saved as `base_model.model.<module>.lora_A.weight`, the key PEFT reads.
 """
@@ -39,6 +47,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Adapter weights of a half-precision base are kept in fp32, as PEFT does by default
@@ -56,13 +65,15 @@ class LoRALinear(nn.Module):
         alpha: numerator of the scaling.
         dropout: dropout probability on the adapter input (0 = no dropout module).
         use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+        use_dora: DoRA: a trainable magnitude per output feature (`lora_magnitude_vector.weight`, (out,)).
 
     Shape:
         - input: (..., in_features)
         - output: (..., out_features)
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 use_dora: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -86,8 +97,15 @@ class LoRALinear(nn.Module):
         adapter_dtype = torch.float32 if weight.dtype in _UPCAST_DTYPES else weight.dtype
         for adapter in (self.lora_A, self.lora_B):
             adapter.to(device=weight.device, dtype=weight.dtype if weight.dtype.is_floating_point else None)
+        self.use_dora = use_dora
+        if use_dora:
+            # PEFT computes m = ‖W + s·B·A‖_row from A and B in the base dtype, then upcasts it with them.
+            self.lora_magnitude_vector = _Magnitude(
+                self._weight_norm(weight, self.lora_B.weight @ self.lora_A.weight).detach())
+        for adapter in (self.lora_A, self.lora_B) + ((self.lora_magnitude_vector,) if use_dora else ()):
             adapter.to(dtype=adapter_dtype)
-        self.merged = False  # True while s·B·A is folded into base_layer.weight
+        self.merged = False  # True while s·B·A (DoRA: the whole adapted weight) is folded into base_layer.weight
+        self._merged_weight_norm: torch.Tensor | None = None  # DoRA: the row norms used by merge, for unmerge
         self.adapter_enabled = True  # switched by `disable_adapters(model)` only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +115,54 @@ class LoRALinear(nn.Module):
         # Same operation order as PEFT (delta = B(A(dropout(x))) * s, then result + delta), so logits agree
         # to the last bit in fp32. Under autocast both matmuls run in the autocast dtype anyway.
         x = x.to(self.lora_A.weight.dtype)
+        if self.use_dora:
+            return (result + self.dora_delta(x, result)).to(result.dtype)
         delta = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., r) -> (..., out)
         return (result + delta).to(result.dtype)
+
+    def _weight_norm(self, weight: torch.Tensor, lora_weight: torch.Tensor, scaling: float | None = None
+                     ) -> torch.Tensor:
+        """‖W + s·ΔW‖ over each output row: (out, in) -> (out,), in W's dtype (PEFT's `get_weight_norm`)."""
+        scaling = self.scaling if scaling is None else scaling
+        return torch.linalg.norm(weight + scaling * lora_weight, dim=1).to(weight.dtype)
+
+    def dora_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA's output minus W·x + bias, added to `result` = base_layer(x); PEFT 0.21.2's operations in its order.
+
+        With m the magnitude and n = ‖W + s·B·A‖_row (detached: no gradient flows through the norm),
+        delta = (m/n − 1)·W·x + (m/n)·s·B·A·x. Without active dropout W·x is `result` minus the bias; with dropout
+        W·dropout(x) is recomputed, since the base path saw x without dropout.
+
+        Shape:
+            x: (..., in_features); result and the returned delta: (..., out_features)
+        """
+        base_result: torch.Tensor | None = result
+        if not isinstance(self.lora_dropout, nn.Identity) and self.training:
+            x = self.lora_dropout(x)
+            base_result = None
+        # B·A through the layers (PEFT: "errors with FSDP" otherwise), (out, in).
+        eye = torch.eye(self.in_features, device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype)
+        lora_weight = self.lora_B(self.lora_A(eye)).T.to(x.dtype)  # (out, in)
+        weight = self.base_layer.weight.to(x.dtype)
+        weight_norm = self._weight_norm(weight, lora_weight.detach()).detach()  # (out,)
+        mag_norm_scale = (self.lora_magnitude_vector.weight / weight_norm).view(1, -1)  # (1, out)
+        lora_result = self.lora_B(self.lora_A(x))  # (..., out)
+        if base_result is None:
+            base_result = F.linear(x, weight)
+        elif self.base_layer.bias is not None:
+            base_result = base_result - self.base_layer.bias
+        return (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A, shape (out_features, in_features), in the adapter dtype."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+
+    def _merged_dora_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's adapted weight m/‖W + s·B·A‖_row · (W + s·B·A) (PEFT's `merge_safe`); keeps the norm for unmerge."""
+        delta = self.delta_weight().to(weight.device)
+        self._merged_weight_norm = self._weight_norm(weight, delta, scaling=1).detach()
+        factor = (self.lora_magnitude_vector.weight / self._merged_weight_norm).view(-1, 1)  # (out, 1)
+        return (factor * (weight + delta)).to(weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -112,8 +172,11 @@ class LoRALinear(nn.Module):
         if not self.adapter_enabled:
             raise RuntimeError("merge() inside disable_adapters(): leave the context first")
         weight = self.base_layer.weight
-        # In-place add with type promotion: the sum is computed in fp32 and rounded once to W's dtype.
-        weight.add_(self.delta_weight().to(weight.device))
+        if self.use_dora:
+            weight.copy_(self._merged_dora_weight(weight))
+        else:
+            # In-place add with type promotion: the sum is computed in fp32 and rounded once to W's dtype.
+            weight.add_(self.delta_weight().to(weight.device))
         self.merged = True
 
     @torch.no_grad()
@@ -125,8 +188,22 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.sub_(self.delta_weight().to(weight.device))
+        if self.use_dora:
+            factor = (self.lora_magnitude_vector.weight / self._merged_weight_norm).view(-1, 1)
+            weight.copy_(weight / factor - self.delta_weight().to(weight.device))
+        else:
+            weight.sub_(self.delta_weight().to(weight.device))
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        dora = ", dora" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
+
+
+class _Magnitude(nn.Module):
+    """DoRA's magnitude m (out_features,), as a module with a `weight` so the parameter is named as PEFT names it
+    (`<module>.lora_magnitude_vector.weight`, PEFT: `...lora_magnitude_vector.default.weight`)."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)

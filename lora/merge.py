@@ -16,6 +16,7 @@ from torch import nn
 from lora.errors import LoRAError
 from lora.inject import CONFIG_ATTRIBUTE, lora_layers
 from lora.layer import LoRALinear
+from lora.modules_to_save import modules_to_save_layers
 
 
 def _require_lora_layers(model: nn.Module, action: str) -> dict[str, LoRALinear]:
@@ -50,9 +51,12 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """
     layers = _require_lora_layers(model, "disable_adapters").values()
     previous = [(layer, layer.adapter_enabled, layer.merged) for layer in layers]
+    copies = [(wrapper, wrapper.adapter_enabled) for wrapper in modules_to_save_layers(model).values()]
     for layer in layers:
         layer.unmerge()
         layer.adapter_enabled = False
+    for wrapper, _ in copies:  # modules_to_save: the original module computes, as in PEFT's disable_adapter
+        wrapper.adapter_enabled = False
     try:
         yield model
     finally:
@@ -60,10 +64,13 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             layer.adapter_enabled = enabled
             if merged:
                 layer.merge()
+        for wrapper, enabled in copies:
+            wrapper.adapter_enabled = enabled
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every `LoRALinear` by its base `nn.Linear`, merged first unless `merge=False`; in place.
+    """Replace every `LoRALinear` by its base `nn.Linear`, merged first unless `merge=False`, and every
+    `modules_to_save` wrapper by its trained copy (by the original with `merge=False`); in place.
 
     The result has the original module structure and state_dict keys (`...q_proj.weight`, no `base_layer`),
     so `save_pretrained` writes an ordinary checkpoint. Base parameters stay frozen (requires_grad False),
@@ -74,6 +81,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.merge()
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
+    for name, wrapper in modules_to_save_layers(model).items():  # merged: the trained copy; else the original
+        parent_name, _, child_name = name.rpartition(".")
+        kept = wrapper.modules_to_save if merge else wrapper.original_module
+        setattr(model.get_submodule(parent_name), child_name, kept.requires_grad_(False))
     if hasattr(model, CONFIG_ATTRIBUTE):
         delattr(model, CONFIG_ATTRIBUTE)
     return model

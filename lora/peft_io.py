@@ -10,6 +10,8 @@ What PEFT writes (peft/peft_model.py `save_pretrained`, peft/utils/save_and_load
   the plain transformers model with the adapter name removed, e.g.
   "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" (r, in) and "...lora_B.weight" (out, r);
   metadata {"format": "pt"}.
+  DoRA's magnitude is "base_model.model.<module>.lora_magnitude_vector" (out,) (no ".weight"), and a module of
+  `modules_to_save` is saved under the original module's names, e.g. "base_model.model.lm_head.weight".
 - adapter_config.json: the `LoraConfig` fields; this module writes the ones that decide what is computed.
 PEFT only warns about missing keys when loading; `load_adapter` raises instead.
 """
@@ -27,6 +29,7 @@ from torch import nn
 from lora.config import LoRAConfig
 from lora.errors import LoRAError
 from lora.inject import CONFIG_ATTRIBUTE, inject_lora, lora_layers, lora_parameters
+from lora.modules_to_save import modules_to_save_layers
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,10 +40,8 @@ PEFT_KEY_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model
 _SUPPORTED_VALUES: dict[str, tuple] = {
     "bias": ("none",),
     "lora_bias": (False,),
-    "use_dora": (False,),
     "fan_in_fan_out": (False,),
     "init_lora_weights": (True, False, "gaussian"),  # pissa / olora / loftq / corda also change the base weights
-    "modules_to_save": (None, []),
     "layers_to_transform": (None, []),
     "rank_pattern": (None, {}),
     "alpha_pattern": (None, {}),
@@ -59,7 +60,8 @@ _SUPPORTED_VALUES: dict[str, tuple] = {
 }
 # Fields read elsewhere (r, alpha, ...) or that do not change the computation of a loaded adapter.
 _HARMLESS_FIELDS = {
-    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
+    "modules_to_save",
     "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping",
     "layers_pattern",  # only used together with layers_to_transform
     "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",  # init-time options
@@ -67,6 +69,18 @@ _HARMLESS_FIELDS = {
     "ensure_weight_tying",  # only with tied targets, which inject_lora refuses
     "runtime_config",
 }
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every tensor an adapter file holds, by its key without PEFT's "base_model.model." prefix: lora_A / lora_B
+    weights, DoRA magnitudes ("<module>.lora_magnitude_vector") and the copies of `modules_to_save` (under the
+    original module's names, "lm_head.weight")."""
+    tensors = {name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name: param
+               for name, param in lora_parameters(model).items()}
+    for module_name, wrapper in modules_to_save_layers(model).items():
+        for param_name, param in wrapper.modules_to_save.named_parameters():
+            tensors[f"{module_name}.{param_name}"] = param
+    return tensors
 
 
 def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
@@ -93,11 +107,12 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_model_nam
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    tensors = {PEFT_KEY_PREFIX + name: param.detach().to("cpu").contiguous() for name, param in params.items()}
+    tensors = {PEFT_KEY_PREFIX + name: param.detach().to("cpu").contiguous()
+               for name, param in adapter_tensors(model).items()}
     save_file(tensors, str(output_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     peft_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": config.task_type,
         "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
         "revision": None,
         "inference_mode": True,  # what PeftModel.save_pretrained writes
@@ -109,10 +124,10 @@ def save_adapter(model: nn.Module, output_dir: str | os.PathLike, base_model_nam
         else sorted(config.target_modules),
         "bias": "none",
         "lora_bias": False,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": config.modules_to_save,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -170,6 +185,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
         dropout=fields.get("lora_dropout", 0.0),
         target_modules=fields["target_modules"],
         use_rslora=fields.get("use_rslora", False),
+        use_dora=bool(fields.get("use_dora") or False),
+        modules_to_save=fields.get("modules_to_save") or None,
     )
 
 
@@ -187,9 +204,9 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
         hint = " (adapter_model.bin is not read: re-save it with safetensors)" if (
             adapter_dir / "adapter_model.bin").is_file() else ""
         raise LoRAError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}{hint}")
-    params = lora_parameters(model)
-    if not params:
+    if not lora_parameters(model):
         raise LoRAError("load_adapter_weights: the model has no LoRA layers (use load_adapter to inject them)")
+    params = adapter_tensors(model)
     if (adapter_dir / ADAPTER_CONFIG_NAME).is_file():
         _check_config_matches(model, read_adapter_config(adapter_dir), adapter_dir)
 
@@ -219,6 +236,11 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
 
 def _check_config_matches(model: nn.Module, config: LoRAConfig, adapter_dir: Path) -> None:
     """Weights of another r / alpha / rsLoRA would load fine and compute something else: refuse."""
+    saved_copies = sorted(config.modules_to_save or [])
+    ours = getattr(model, CONFIG_ATTRIBUTE, None)
+    if ours is not None and (ours.use_dora, sorted(ours.modules_to_save or [])) != (config.use_dora, saved_copies):
+        raise LoRAError(f"{adapter_dir}: adapter has use_dora={config.use_dora}, modules_to_save={saved_copies} but "
+                        f"the model has use_dora={ours.use_dora}, modules_to_save={sorted(ours.modules_to_save or [])}")
     for name, layer in lora_layers(model).items():
         if (layer.r, layer.scaling) != (config.r, config.scaling):
             raise LoRAError(
