@@ -180,6 +180,8 @@ def _load_files(files: list[Path]):
             raise DataError(f"{file} is empty.")
         if builder != "parquet":
             text = _decode(file)
+            if not text.strip():  # e.g. only a byte-order mark
+                raise DataError(f"{file} is empty.")
             if builder == "json":
                 _check_json_types(file, text)
     try:
@@ -266,7 +268,7 @@ def _json_rows(text: str) -> list[dict] | None:
 
 def _raise_json_error(file: Path) -> None:
     """Raise a DataError naming the line of `file` that is not valid JSON rows; return if it looks valid."""
-    text = file.read_text(encoding="utf-8", errors="replace")
+    text = file.read_text(encoding="utf-8-sig", errors="replace")  # a byte-order mark is no broken line
     try:
         whole = json.loads(text)
     except json.JSONDecodeError as whole_error:

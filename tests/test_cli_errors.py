@@ -81,7 +81,28 @@ def workspace(tmp_path_factory):
     for field, value in (("prompt", 7), ("chosen", ["a"]), ("rejected", {"a": 1})):
         files[f"pair_{field}"] = jsonl(f"pair_{field}.jsonl", pairs[:3] + [{**pairs[3], field: value}])
     files["chat_changed"] = jsonl("chat_changed.jsonl", chat[:7])
+    # issue 12, more hostile data: each refused naming the row and field (or the file)
+    files["content_null"] = jsonl("content_null.jsonl", chat[:3] + [
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}])
+    files["messages_text"] = jsonl("messages_text.jsonl", chat[:3] + [{"messages": "hello"}])
+    files["no_role"] = jsonl("no_role.jsonl", chat[:3] + [
+        {"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}])
+    files["chosen_empty"] = jsonl("chosen_empty.jsonl", pairs[:3] + [{**pairs[3], "chosen": ""}])
+    files["prompt_null"] = jsonl("prompt_null.jsonl", pairs[:3] + [{**pairs[3], "prompt": None}])
+    files["row_not_object"] = str(root / "row_not_object.jsonl")
+    Path(files["row_not_object"]).write_text("".join(json.dumps(r) + "\n" for r in chat[:3]) + "[1, 2]\n")
+    files["bom_only"] = str(root / "bom_only.jsonl")
+    Path(files["bom_only"]).write_bytes(b"\xef\xbb\xbf\n")
+    files["bom_broken"] = str(root / "bom_broken.jsonl")
+    Path(files["bom_broken"]).write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in chat[:2]).encode()
+                                          + b'{"messages": oops}\n')
+    files["utf16"] = str(root / "utf16.jsonl")
+    Path(files["utf16"]).write_bytes("".join(json.dumps(r) + "\n" for r in chat).encode("utf-16"))
     files["messages_null"] = jsonl("messages_null.jsonl", chat[:3] + [{"messages": None}])
+    no_weights_dir = root / "model_no_weights"  # config and tokenizer, the weights never copied
+    model.config.save_pretrained(no_weights_dir)
+    tokenizer.save_pretrained(no_weights_dir)
+    files["no_weights"] = str(no_weights_dir)
     bert_dir = root / "bert"
     from transformers import BertConfig, BertModel
 
@@ -169,6 +190,20 @@ CASES = [
     ("rejected-is-an-object", lambda w: base(w, "dpo", data=w["pair_rejected"]), ["row 3", "'rejected'", "object"]),
     ("messages-is-null", lambda w: base(w, data=w["messages_null"]), ["row 3", "messages"]),
     ("not-a-causal-lm", lambda w: base(w) + ["--model_name_or_path", w["bert"]], ["bert", "not a causal"]),
+    ("content-is-null", lambda w: base(w, data=w["content_null"]), ["row 3", "content"]),
+    ("messages-is-text", lambda w: base(w, data=w["messages_text"]), ["row 3", "messages"]),
+    ("message-without-role", lambda w: base(w, data=w["no_role"]), ["row 3", "role"]),
+    ("chosen-is-empty", lambda w: base(w, "dpo", data=w["chosen_empty"]), ["row 3", "chosen"]),
+    ("prompt-is-null", lambda w: base(w, "dpo", data=w["prompt_null"]), ["row 3", "prompt"]),
+    ("row-is-not-an-object", lambda w: base(w, data=w["row_not_object"]), ["row_not_object.jsonl:4", "json object"]),
+    ("only-a-byte-order-mark", lambda w: base(w, data=w["bom_only"]), ["bom_only.jsonl", "empty"]),
+    ("byte-order-mark-then-a-broken-line", lambda w: base(w, data=w["bom_broken"]),
+     ["bom_broken.jsonl:3", "not valid json"]),
+    ("utf-16-file", lambda w: base(w, data=w["utf16"]), ["utf16.jsonl", "not utf-8"]),
+    ("ref-model-not-a-causal-lm", lambda w: base(w, "dpo") + ["--ref_model_name_or_path", w["bert"]],
+     ["bert", "not a causal"]),
+    ("model-folder-without-weights", lambda w: base(w) + ["--model_name_or_path", str(w["no_weights"])],
+     ["model_no_weights"]),
     # issue 12: two runs, damaged checkpoints, a resume that cannot be exact
     ("output-dir-locked", lambda w: base(w, out="locked_run"), ["another run is writing", "locked_run", "pid"]),
     ("resume-damaged-checkpoint", lambda w: base(w, out="damaged_run") + [
@@ -182,6 +217,17 @@ CASES = [
     ("resume-damaged-weights-unverified", lambda w: base(w, out="old_damaged_weights") + [
         "--resume_from_checkpoint", str(w["root"] / "old_damaged_weights" / "checkpoint-1")],
      ["cannot read the model weights", "checkpoint-1"]),
+    ("resume-damaged-state-unverified", lambda w: base(w, out="damaged_state") + [
+        "--resume_from_checkpoint", str(w["root"] / "damaged_state" / "checkpoint-1")],
+     ["nanopost_state.json", "checkpoint-1"]),
+    ("resume-damaged-manifest", lambda w: base(w, out="damaged_manifest") + [
+        "--resume_from_checkpoint", str(w["root"] / "damaged_manifest" / "checkpoint-1")],
+     ["manifest.json", "checkpoint-1"]),
+    ("resume-file-missing", lambda w: base(w, out="missing_file") + [
+        "--resume_from_checkpoint", str(w["root"] / "missing_file" / "checkpoint-1")],
+     ["rng_state.pth", "missing"]),
+    ("damaged-reference-cache", lambda w: base(w, "dpo", out="damaged_cache") + ["--precompute_ref_log_probs"],
+     ["reference log-prob cache", "ref_logps-"]),
     ("resume-changed-batch-size", lambda w: base(w, out="sft_run") + [
         "--resume_from_checkpoint", str(w["sft_ckpt"]), "--per_device_train_batch_size", "1"],
      ["--per_device_train_batch_size was 2, now 1", "--ignore_resume_mismatch"]),
@@ -226,6 +272,15 @@ def faulty_runs(workspace, sft_checkpoint):
             (root / name / "checkpoint-1" / "manifest.json").unlink()
 
     damaged("damaged_run", "optimizer.pt", keep_manifest=True)
+    damaged("damaged_state", "nanopost_state.json", keep_manifest=False)
+    shutil.copytree(root / "sft_run", root / "damaged_manifest")
+    (root / "damaged_manifest" / "checkpoint-1" / "manifest.json").write_text('{"format": 1, "files": {"model')
+    shutil.copytree(root / "sft_run", root / "missing_file")
+    (root / "missing_file" / "checkpoint-1" / "rng_state.pth").unlink()
+    cache_run = run_cli(base(workspace, "dpo", out="damaged_cache") + ["--precompute_ref_log_probs"], root)
+    assert cache_run.returncode == 0, cache_run.stderr[-2000:]
+    for cache in (root / "damaged_cache").glob("ref_logps-*.pt"):
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     damaged("old_damaged_run", "optimizer.pt", keep_manifest=False)
     damaged("old_damaged_weights", "model.safetensors", keep_manifest=False)
     lock = RunLock(root / "locked_run", command="python train.py (the first run)")

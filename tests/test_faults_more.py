@@ -276,3 +276,24 @@ def test_reference_cache_on_a_full_disk_is_one_line_and_leaves_no_partial_file(w
         r"then start the run again", errors[0]), errors
     left = json.loads(result.stdout.split("LEFT ", 1)[1])
     assert left["listing"] == [], left
+
+
+def test_compare_stopped_by_sigterm_while_writing_a_plot_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    """scripts/compare.py's main: SIGTERM arrives while margins.png is being written (the process signals itself
+    from inside the plot writer, after part of the file is out): exit 143, one line, report.json and report.md
+    whole, no margins.png and no temporary file."""
+    import argparse
+
+    import engine.compare.report as report_module
+    from engine.compare.cli import run_main
+
+    def half_written_then_signal(margins, path):
+        Path(path).write_bytes(b"\x89PNG partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(report_module, "save_margin_histogram", half_written_then_signal)
+    code = run_main(argparse.ArgumentParser(), lambda args: report_module.write_report(_comparison(), tmp_path), [])
+    stderr = capsys.readouterr().err
+    assert code == 143 and stderr == "error: stopped by SIGTERM; no report file was left half-written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
