@@ -408,3 +408,83 @@ def test_lora_dpo_with_dora_and_modules_to_save_matches_trl_peft(workdir, tokeni
         name = "lm_head.modules_to_save.weight" if name == "lm_head.weight" else name
         assert torch.equal(value, final_trl[name]), key
     assert not torch.equal(final_trl["lm_head.modules_to_save.weight"], final_trl["lm_head.original_module.weight"])
+
+
+# ---------------------------------------------------------------------- LoRA flags through the CLI, and resume
+
+
+def lora_sft_flags(model_dir: Path, tokenizer_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """6 SFT steps of 2 rows with DoRA and a trained lm_head copy, a checkpoint every 3 steps."""
+    return ["--method", "sft", "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path", str(tokenizer_dir),
+            "--dataset_name", str(data), "--output_dir", str(out), "--bf16", "False", "--disable_tqdm",
+            "--seed", "42", "--logging_steps", "1", "--eval_steps", "0", "--per_device_train_batch_size", "2",
+            "--max_steps", "6", "--save_steps", "3", "--learning_rate", "1e-2", "--report_to", "none",
+            "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
+            "--lora_target_modules", "q_proj", "v_proj", "--use_dora", "--lora_modules_to_save", "lm_head",
+            "--lora_task_type", "CAUSAL_LM", *extra]
+
+
+def test_dora_modules_to_save_run_resumes_exactly_and_loads_in_peft(tmp_path, llama_dir, tokenizer_dir):  # noqa: F811
+    """Through the CLI: a DoRA + modules_to_save SFT run that dies in step 4 and resumes from checkpoint-3 ends
+    with the uninterrupted run's logs and adapter bit for bit (magnitudes and lm_head copy included). The final
+    adapter loads with PeftModel.from_pretrained and gives our logits exactly; --merge_adapter's merged model gives
+    them up to fp32 rounding of the merge (1e-5)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora import load_adapter
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"text": f"count {i} to {i + 3}: " + " ".join(map(str, range(i, i + 4)))})
+                            + "\n" for i in range(12)))
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    assert cli.main(lora_sft_flags(llama_dir, tokenizer_dir, data, whole, "--merge_adapter")) == 0
+
+    def die_at_step_4(step: int, model: torch.nn.Module) -> None:
+        if step == 4:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(parse_config(lora_sft_flags(llama_dir, tokenizer_dir, data, crashed)), step_hook=die_at_step_4)
+    assert cli.main(lora_sft_flags(llama_dir, tokenizer_dir, data, crashed, "--merge_adapter",
+                                   "--resume_from_checkpoint", str(crashed / "checkpoint-3"))) == 0
+    records = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+               for out in (whole, crashed)]
+    assert [r["step"] for r in records[1]] == list(range(1, 7)) and records[0] == records[1]
+    expected, resumed = (load_file(str(out / "adapter_model.safetensors")) for out in (whole, crashed))
+    assert expected.keys() == resumed.keys() and "base_model.model.lm_head.weight" in expected
+    assert [k for k in expected if not torch.equal(expected[k], resumed[k])] == []
+    assert json.loads((whole / "adapter_config.json").read_text())["use_dora"] is True
+
+    ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    ours = load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), whole).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), whole).eval()
+    merged = AutoModelForCausalLM.from_pretrained(whole / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        logits = ours(input_ids=ids).logits
+        assert torch.equal(peft(input_ids=ids).logits, logits)
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base(input_ids=ids).logits, logits, atol=1e-3)  # the adapter trained
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lora_task_type", "SEQ_CLS"], "--lora_task_type 'SEQ_CLS': must be CAUSAL_LM"),
+    (["--use_dora"], "--use_dora True: is a LoRA option; add --use_peft"),
+    (["--lora_modules_to_save", "lm_head"], "is a LoRA option; add --use_peft"),
+    (["--use_peft", "--lora_modules_to_save", "lm_head"], "shares its weight with 'model.embed_tokens.weight'"),
+    (["--use_peft", "--lora_modules_to_save", "no_such_module"], "match no module"),
+])
+def test_lora_flag_refusals_are_one_line(tmp_path, tiny_model_dir, capsys, extra, message):
+    """Bad LoRA flags: exit 2 and one `error:` line (the tiny SmolLM3 ties lm_head to the embeddings, so training
+    a separate lm_head copy would untie them: refused, not done silently)."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"text": "one two three"}) + "\n")
+    argv = ["--method", "sft", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--disable_tqdm", "--report_to", "none",
+            "--bf16", "False",
+            *extra]
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
