@@ -16,7 +16,16 @@ from engine.optim import OPTIM_ARGS, parse_optim_args
 # `config` below is an engine.config.TrainConfig, typed `Any` because engine/config.py imports this module (no cycle).
 
 METHODS = ("sft", "dpo")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# --lr_scheduler_type -> the --lr_scheduler_kwargs keys its transformers function takes (get_scheduler passes them
+# on as scheduler_specific_kwargs). reduce_lr_on_plateau and greedy need a metric each step: not supported.
+SCHEDULERS: dict[str, tuple[str, ...]] = {
+    "linear": (), "constant": (), "constant_with_warmup": (), "cosine": ("num_cycles",),
+    "cosine_with_restarts": ("num_cycles",), "polynomial": ("lr_end", "power"), "inverse_sqrt": ("timescale",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                            "num_cycles"),
+}
 # --report_to name -> (module to import, what to install). "all" means every one of these that is installed.
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "trackio": ("trackio", "pip install trackio"),
             "wandb": ("wandb", "pip install wandb")}
@@ -47,6 +56,7 @@ def validate_config(config: Any) -> None:
         raise bad("learning_rate", "must be a finite number >= 0 (e.g. 2e-5)")
     if config.lr_scheduler_type not in SCHEDULERS:
         raise bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
+    _validate_scheduler_kwargs(config, bad)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(config, name) < 1:
             raise bad(name, "must be >= 1")
@@ -104,6 +114,22 @@ def validate_config(config: Any) -> None:
 
         validate_loss_config(config.loss_type, config.loss_weights, config.loss_options(),
                              use_weighting=config.use_weighting, ld_alpha=config.ld_alpha)
+
+
+def _validate_scheduler_kwargs(config: Any, bad) -> None:
+    """--lr_scheduler_kwargs: only keys the schedule's function takes (transformers would ignore them for constant
+    schedules, and raise a TypeError mid-setup for the others)."""
+    kwargs, kind = config.lr_scheduler_kwargs or {}, config.lr_scheduler_type
+    takes = SCHEDULERS[kind]
+    unknown = [key for key in kwargs if key not in takes]
+    if unknown:
+        raise bad("lr_scheduler_kwargs", f"{unknown[0]!r} is not an argument of the {kind} schedule "
+                  f"(it takes: {', '.join(takes) or 'none'})")
+    if kind in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+        raise bad("lr_scheduler_type", "needs exactly one of min_lr and min_lr_rate in --lr_scheduler_kwargs, "
+                  "e.g. '{\"min_lr_rate\": 0.1}'")
+    if kind == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+        raise bad("lr_scheduler_type", "needs num_decay_steps in --lr_scheduler_kwargs, e.g. '{\"num_decay_steps\": 10}'")
 
 
 def _validate_loop_flags(config: Any, bad) -> None:
