@@ -32,6 +32,10 @@ TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "trackio"
 INTERVALS = ("no", "steps", "epoch")
 HUB_STRATEGIES = ("end", "every_save")  # TRL's default is every_save: here the one push is at the end
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --gradient_checkpointing_kwargs: torch.utils.checkpoint's JSON-able arguments, transformers' every_n_layers and
+# offload, TRL's selective (only false).
+CHECKPOINTING_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "every_n_layers",
+                        "offload", "selective")
 LORA_TASK_TYPES = ("CAUSAL_LM",)
 # What evaluation reports (engine/sft.py, engine/dpo.py), each also logged with TRL's eval_ prefix.
 EVAL_METRICS = {
@@ -132,6 +136,23 @@ def _validate_scheduler_kwargs(config: Any, bad) -> None:
         raise bad("lr_scheduler_type", "needs num_decay_steps in --lr_scheduler_kwargs, e.g. '{\"num_decay_steps\": 10}'")
 
 
+def _validate_checkpointing_kwargs(config: Any, bad) -> None:
+    """--gradient_checkpointing_kwargs: torch.utils.checkpoint's JSON-able arguments and transformers' own."""
+    kwargs = config.gradient_checkpointing_kwargs or {}
+    if kwargs and not config.gradient_checkpointing:
+        raise bad("gradient_checkpointing_kwargs", "needs --gradient_checkpointing true")
+    unknown = [key for key in kwargs if key not in CHECKPOINTING_KWARGS]
+    if unknown:
+        raise bad("gradient_checkpointing_kwargs", f"{unknown[0]!r} is not a checkpointing argument "
+                  f"(it takes: {', '.join(CHECKPOINTING_KWARGS)})")
+    if kwargs.get("selective"):
+        raise bad("gradient_checkpointing_kwargs", "selective activation checkpointing (TRL's SAC) is not supported; "
+                  "use every_n_layers to checkpoint fewer layers")
+    every = kwargs.get("every_n_layers", 1)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise bad("gradient_checkpointing_kwargs", "every_n_layers must be a whole number >= 1")
+
+
 def _validate_loop_flags(config: Any, bad) -> None:
     """Schedules, optimizer, precision, TR-DPO, NEFTune, padding (the flags added for TRL parity, issue 10)."""
     for name in ("eval_strategy", "logging_strategy"):
@@ -163,6 +184,7 @@ def _validate_loop_flags(config: Any, bad) -> None:
     if config.optim not in OPTIM_ARGS:
         raise bad("optim", f"must be one of {', '.join(OPTIM_ARGS)} (other transformers optimizers: not supported)")
     parse_optim_args(config.optim, config.optim_args)
+    _validate_checkpointing_kwargs(config, bad)
     if config.dtype is not None and config.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
     if config.data_seed is not None and config.data_seed < 0:

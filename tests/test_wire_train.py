@@ -116,3 +116,39 @@ def test_lr_scheduler_kwargs_errors(capsys):
     ]:
         assert cli.main(flags) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- --gradient_checkpointing_kwargs
+
+def test_gradient_checkpointing_kwargs_reach_torch_checkpoint(assets, tokenizer_dir, monkeypatch):
+    """'{"use_reentrant": true, "every_n_layers": 2}' on the 2-layer model: transformers checkpoints layer 0 only,
+    calling torch.utils.checkpoint with use_reentrant=True once per forward (3 steps = 3 calls); fp32 without dropout,
+    recomputation changes no number, so the losses and grad norms equal those of a run without checkpointing."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    original = modeling_utils.checkpoint
+
+    def recording_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", recording_checkpoint)
+    kwargs = json.dumps({"use_reentrant": True, "every_n_layers": 2})
+    checkpointed = ours(assets, tokenizer_dir, "gc-kwargs", "--gradient_checkpointing_kwargs", kwargs)
+    assert calls == [{"use_reentrant": True}] * 3
+    calls.clear()
+    plain = ours(assets, tokenizer_dir, "gc-off", "--gradient_checkpointing", "false")
+    assert calls == []
+    assert [(r["loss"], r["grad_norm"]) for r in checkpointed] == [(r["loss"], r["grad_norm"]) for r in plain]
+
+
+def test_gradient_checkpointing_kwargs_errors(capsys):
+    for flags, message in [
+        (["--gradient_checkpointing", "false", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}'],
+         "needs --gradient_checkpointing true"),
+        (["--gradient_checkpointing_kwargs", '{"use_reentrnt": false}'], "'use_reentrnt' is not a checkpointing"),
+        (["--gradient_checkpointing_kwargs", '{"selective": true}'], "selective activation checkpointing"),
+    ]:
+        assert cli.main(flags) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
