@@ -48,7 +48,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision="bf16" if bf16 else "no",
         log_with=log_with,
         project_dir=config.output_dir,
-        cpu=multi_process_cpu,
+        cpu=config.use_cpu or multi_process_cpu,
     )
     _check_sharding(config, accelerator)
     start_trackers(accelerator, config)

@@ -152,3 +152,26 @@ def test_gradient_checkpointing_kwargs_errors(capsys):
     ]:
         assert cli.main(flags) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- --use_cpu
+
+def test_use_cpu_reaches_the_accelerator(assets, tokenizer_dir, monkeypatch):
+    """--use_cpu: the run's Accelerator is built with cpu=True, so it trains on the CPU even where a GPU is (without
+    the flag: cpu=False in one process)."""
+    import accelerate
+
+    from engine import setup
+
+    built = []
+
+    class RecordingAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["cpu"])
+            super().__init__(*args, **kwargs)
+            built.append(self.device.type)
+
+    monkeypatch.setattr(setup, "Accelerator", RecordingAccelerator)
+    ours(assets, tokenizer_dir, "use-cpu", "--use_cpu", "--max_steps", "1")
+    ours(assets, tokenizer_dir, "no-use-cpu", "--max_steps", "1")
+    assert built[:3] == [True, "cpu", False]  # the last: "cpu" here, "cuda" on a GPU machine
