@@ -99,7 +99,8 @@ class TrainConfig:
     learning_rate: float | None = _doc(
         "Peak AdamW learning rate (TRL's: sft 2e-5, dpo 1e-6; built-in tiny models: sft 2e-3, dpo 3e-5).",
         default=None)
-    lr_scheduler_type: str = _doc("linear, cosine, constant or constant_with_warmup.", default="linear")
+    lr_scheduler_type: str = _doc("transformers' schedule: linear, cosine, cosine_with_restarts, cosine_with_min_lr, "
+                                  "constant, constant_with_warmup, polynomial, ...", default="linear")
     lr_scheduler_kwargs: dict[str, Any] | None = _doc("Extra scheduler arguments as JSON, e.g. '{\"num_cycles\": 1}'.",
                                                        default=None)
     optim: str = _doc("adamw_torch_fused (TRL's default), adamw_torch, sgd, adagrad or rmsprop.",

@@ -16,13 +16,26 @@ from engine.optim import OPTIM_ARGS, parse_optim_args
 # `config` below is an engine.config.TrainConfig, typed `Any` because engine/config.py imports this module (no cycle).
 
 METHODS = ("sft", "dpo")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# --lr_scheduler_type -> the --lr_scheduler_kwargs keys its transformers function takes (get_scheduler passes them
+# on as scheduler_specific_kwargs). reduce_lr_on_plateau and greedy need a metric each step: not supported.
+SCHEDULERS: dict[str, tuple[str, ...]] = {
+    "linear": (), "constant": (), "constant_with_warmup": (), "cosine": ("num_cycles",),
+    "cosine_with_restarts": ("num_cycles",), "polynomial": ("lr_end", "power"), "inverse_sqrt": ("timescale",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                            "num_cycles"),
+}
 # --report_to name -> (module to import, what to install). "all" means every one of these that is installed.
 TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "trackio": ("trackio", "pip install trackio"),
             "wandb": ("wandb", "pip install wandb")}
 INTERVALS = ("no", "steps", "epoch")
 HUB_STRATEGIES = ("end", "every_save")  # TRL's default is every_save: here the one push is at the end
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --gradient_checkpointing_kwargs: torch.utils.checkpoint's JSON-able arguments, transformers' every_n_layers and
+# offload, TRL's selective (only false).
+CHECKPOINTING_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "every_n_layers",
+                        "offload", "selective")
 LORA_TASK_TYPES = ("CAUSAL_LM",)
 # What evaluation reports (engine/sft.py, engine/dpo.py), each also logged with TRL's eval_ prefix.
 EVAL_METRICS = {
@@ -47,6 +60,7 @@ def validate_config(config: Any) -> None:
         raise bad("learning_rate", "must be a finite number >= 0 (e.g. 2e-5)")
     if config.lr_scheduler_type not in SCHEDULERS:
         raise bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
+    _validate_scheduler_kwargs(config, bad)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(config, name) < 1:
             raise bad(name, "must be >= 1")
@@ -113,6 +127,39 @@ def validate_config(config: Any) -> None:
                       "there is none to sync; drop --sync_ref_model or use a loss with a reference (e.g. sigmoid)")
 
 
+def _validate_scheduler_kwargs(config: Any, bad) -> None:
+    """--lr_scheduler_kwargs: only keys the schedule's function takes (transformers would ignore them for constant
+    schedules, and raise a TypeError mid-setup for the others)."""
+    kwargs, kind = config.lr_scheduler_kwargs or {}, config.lr_scheduler_type
+    takes = SCHEDULERS[kind]
+    unknown = [key for key in kwargs if key not in takes]
+    if unknown:
+        raise bad("lr_scheduler_kwargs", f"{unknown[0]!r} is not an argument of the {kind} schedule "
+                  f"(it takes: {', '.join(takes) or 'none'})")
+    if kind in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+        raise bad("lr_scheduler_type", "needs exactly one of min_lr and min_lr_rate in --lr_scheduler_kwargs, "
+                  "e.g. '{\"min_lr_rate\": 0.1}'")
+    if kind == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+        raise bad("lr_scheduler_type", "needs num_decay_steps in --lr_scheduler_kwargs, e.g. '{\"num_decay_steps\": 10}'")
+
+
+def _validate_checkpointing_kwargs(config: Any, bad) -> None:
+    """--gradient_checkpointing_kwargs: torch.utils.checkpoint's JSON-able arguments and transformers' own."""
+    kwargs = config.gradient_checkpointing_kwargs or {}
+    if kwargs and not config.gradient_checkpointing:
+        raise bad("gradient_checkpointing_kwargs", "needs --gradient_checkpointing true")
+    unknown = [key for key in kwargs if key not in CHECKPOINTING_KWARGS]
+    if unknown:
+        raise bad("gradient_checkpointing_kwargs", f"{unknown[0]!r} is not a checkpointing argument "
+                  f"(it takes: {', '.join(CHECKPOINTING_KWARGS)})")
+    if kwargs.get("selective"):
+        raise bad("gradient_checkpointing_kwargs", "selective activation checkpointing (TRL's SAC) is not supported; "
+                  "use every_n_layers to checkpoint fewer layers")
+    every = kwargs.get("every_n_layers", 1)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        raise bad("gradient_checkpointing_kwargs", "every_n_layers must be a whole number >= 1")
+
+
 def _validate_loop_flags(config: Any, bad) -> None:
     """Schedules, optimizer, precision, TR-DPO, NEFTune, padding (the flags added for TRL parity, issue 10)."""
     for name in ("eval_strategy", "logging_strategy"):
@@ -144,6 +191,7 @@ def _validate_loop_flags(config: Any, bad) -> None:
     if config.optim not in OPTIM_ARGS:
         raise bad("optim", f"must be one of {', '.join(OPTIM_ARGS)} (other transformers optimizers: not supported)")
     parse_optim_args(config.optim, config.optim_args)
+    _validate_checkpointing_kwargs(config, bad)
     if config.dtype is not None and config.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
     if config.data_seed is not None and config.data_seed < 0:

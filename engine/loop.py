@@ -141,8 +141,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | 
     ckpt.check_free_space_for_run(config, accelerator, model)
 
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config.lr_scheduler_type, total_steps, config.warmup_steps,
-                                config.warmup_ratio)
+    scheduler = build_scheduler(optimizer, config, total_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
     state = TrainingState(method=config.method, model_name_or_path=config.model_name_or_path,

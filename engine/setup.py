@@ -48,7 +48,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision="bf16" if bf16 else "no",
         log_with=log_with,
         project_dir=config.output_dir,
-        cpu=multi_process_cpu,
+        cpu=config.use_cpu or multi_process_cpu,
     )
     _check_sharding(config, accelerator)
     start_trackers(accelerator, config)
@@ -161,8 +161,18 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
     if config.method == "dpo" and config.disable_dropout:
         disable_dropout(model)  # after LoRA injection, so the adapter's dropout is off too (as TRL)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model, kwargs: dict | None) -> None:
+    """--gradient_checkpointing_kwargs as transformers 5.24's Trainer applies them: every_n_layers and offload are
+    transformers' own, the rest go to torch.utils.checkpoint (None: {"use_reentrant": False}). TRL's `selective`
+    key is refused when true (engine/config_checks.py) and dropped when false, as TRL drops it."""
+    kwargs = {key: value for key, value in (kwargs or {}).items() if key != "selective"}
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
+                                          every_n_layers=every_n_layers, offload=offload)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -133,9 +133,7 @@ RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_
 
 # TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
 AWAITING_LOOP: dict[str, str] = {
-    "lr_scheduler_kwargs": "loop: build_scheduler passes the kwargs",
-    "gradient_checkpointing_kwargs": "setup: model.gradient_checkpointing_enable(**kwargs)",
-    "dtype": "setup: from_pretrained(dtype=...)", "use_cpu": "setup: Accelerator(cpu=True)",
+    "dtype": "setup: from_pretrained(dtype=...)",
     "torch_compile": "setup: torch.compile", "torch_compile_backend": "setup: torch.compile",
     "torch_compile_mode": "setup: torch.compile",
     "padding_free": "data: padding-free collation",

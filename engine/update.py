@@ -3,6 +3,7 @@ clipping."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -11,6 +12,7 @@ from accelerate import Accelerator
 
 from engine import optim
 from engine.config import TrainConfig
+from engine.errors import UserError
 
 # transformers' convention (what TRL uses): no weight decay on biases and normalisation weights.
 _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
@@ -33,13 +35,18 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return optim.build_optimizer([g for g in groups if g["params"]], config)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0,
-                    warmup_ratio: float = 0.0):
-    """transformers' schedule `kind` (linear, cosine, ...); warmup_steps wins over warmup_ratio (as TRL)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """transformers' schedule --lr_scheduler_type with --lr_scheduler_kwargs, as Trainer.create_scheduler builds it;
+    --warmup_steps wins over --warmup_ratio (as TRL)."""
     from transformers import get_scheduler
 
-    warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)
-    return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    try:
+        return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as error:  # a value transformers refuses, e.g. lr_end above the learning rate
+        raise UserError(f"--lr_scheduler_type {config.lr_scheduler_type} --lr_scheduler_kwargs "
+                        f"'{json.dumps(config.lr_scheduler_kwargs)}': {str(error).splitlines()[0]}") from error
 
 
 def clip_gradients(accelerator: Accelerator, model, max_grad_norm: float) -> torch.Tensor:

@@ -50,8 +50,8 @@ def ours(assets, tokenizer_dir, out: str, *extra: str) -> list[dict]:
 def trl(assets, tokenizer, **overrides) -> list[dict]:
     """TRL's SFTTrainer with the settings of `ours`."""
     root, model_dir = assets
-    run = run_trl_sft(model_dir, tokenizer, Dataset.from_list(text_rows()), per_device_train_batch_size=2,
-                      max_steps=3, learning_rate=1e-3, max_grad_norm=1.0, seed=SEED, **overrides)
+    settings = dict(per_device_train_batch_size=2, max_steps=3, learning_rate=1e-3, max_grad_norm=1.0, seed=SEED)
+    run = run_trl_sft(model_dir, tokenizer, Dataset.from_list(text_rows()), **{**settings, **overrides})
     return run.logs
 
 
@@ -72,3 +72,106 @@ def test_optim_matches_trl(assets, tokenizer, tokenizer_dir, optim, optim_args):
     extra = ["--optim", optim] + (["--optim_args", optim_args] if optim_args else [])
     theirs = trl(assets, tokenizer, optim=optim, optim_args=optim_args)
     assert_same_logs(ours(assets, tokenizer_dir, f"optim-{optim}", *extra), theirs)
+
+
+# ---------------------------------------------------------------------- --lr_scheduler_kwargs
+
+@pytest.mark.parametrize("kind, kwargs", [("cosine_with_restarts", {"num_cycles": 2}),
+                                          ("cosine_with_min_lr", {"min_lr_rate": 0.1})])
+def test_lr_scheduler_kwargs_give_transformers_schedule(assets, tokenizer, tokenizer_dir, kind, kwargs):
+    """The logged learning rates of 6 steps (1 warmup step) are TRL's exactly (both come from transformers'
+    get_scheduler with these kwargs), and differ from the same schedule without them, so the kwargs were applied."""
+    import torch
+    from transformers import get_scheduler
+
+    schedule = ["--lr_scheduler_type", kind, "--lr_scheduler_kwargs", json.dumps(kwargs), "--warmup_steps", "1",
+                "--max_steps", "6"]
+    our_rates = [r["learning_rate"] for r in ours(assets, tokenizer_dir, f"sched-{kind}", *schedule)]
+    theirs = trl(assets, tokenizer, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, warmup_steps=1, max_steps=6)
+    assert our_rates == [r["learning_rate"] for r in theirs]
+    default_kwargs = {"min_lr": 0.0} if kind == "cosine_with_min_lr" else {}  # it needs one of min_lr / min_lr_rate
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    without = get_scheduler(kind, optimizer, num_warmup_steps=1, num_training_steps=6,
+                            scheduler_specific_kwargs=default_kwargs)
+    plain_rates = []
+    for _ in range(6):
+        plain_rates.append(without.get_last_lr()[0])
+        optimizer.step()
+        without.step()
+    assert our_rates[0] == plain_rates[0] == 0.0 and our_rates[1] == plain_rates[1] == 1e-3  # warmup
+    assert our_rates[2:] != plain_rates[2:]
+
+
+def test_lr_scheduler_kwargs_errors(capsys):
+    """A key the schedule does not take, kwargs for a schedule that takes none, and a missing required key: one
+    line each, exit 2, before anything runs."""
+    for flags, message in [
+        (["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", '{"min_lr": 1}'],
+         "'min_lr' is not an argument of the cosine schedule (it takes: num_cycles)"),
+        (["--lr_scheduler_type", "linear", "--lr_scheduler_kwargs", '{"num_cycles": 2}'],
+         "of the linear schedule (it takes: none)"),
+        (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"num_cycles": 2}'],
+         "needs exactly one of min_lr and min_lr_rate in --lr_scheduler_kwargs"),
+        (["--lr_scheduler_type", "reduce_lr_on_plateau"], "--lr_scheduler_type 'reduce_lr_on_plateau': must be one of"),
+    ]:
+        assert cli.main(flags) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- --gradient_checkpointing_kwargs
+
+def test_gradient_checkpointing_kwargs_reach_torch_checkpoint(assets, tokenizer_dir, monkeypatch):
+    """'{"use_reentrant": true, "every_n_layers": 2}' on the 2-layer model: transformers checkpoints layer 0 only,
+    calling torch.utils.checkpoint with use_reentrant=True once per forward (3 steps = 3 calls); fp32 without dropout,
+    recomputation changes no number, so the losses and grad norms equal those of a run without checkpointing."""
+    import transformers.modeling_utils as modeling_utils
+
+    calls = []
+    original = modeling_utils.checkpoint
+
+    def recording_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", recording_checkpoint)
+    kwargs = json.dumps({"use_reentrant": True, "every_n_layers": 2})
+    checkpointed = ours(assets, tokenizer_dir, "gc-kwargs", "--gradient_checkpointing_kwargs", kwargs)
+    assert calls == [{"use_reentrant": True}] * 3
+    calls.clear()
+    plain = ours(assets, tokenizer_dir, "gc-off", "--gradient_checkpointing", "false")
+    assert calls == []
+    assert [(r["loss"], r["grad_norm"]) for r in checkpointed] == [(r["loss"], r["grad_norm"]) for r in plain]
+
+
+def test_gradient_checkpointing_kwargs_errors(capsys):
+    for flags, message in [
+        (["--gradient_checkpointing", "false", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}'],
+         "needs --gradient_checkpointing true"),
+        (["--gradient_checkpointing_kwargs", '{"use_reentrnt": false}'], "'use_reentrnt' is not a checkpointing"),
+        (["--gradient_checkpointing_kwargs", '{"selective": true}'], "selective activation checkpointing"),
+    ]:
+        assert cli.main(flags) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- --use_cpu
+
+def test_use_cpu_reaches_the_accelerator(assets, tokenizer_dir, monkeypatch):
+    """--use_cpu: the run's Accelerator is built with cpu=True, so it trains on the CPU even where a GPU is (without
+    the flag: cpu=False in one process)."""
+    import accelerate
+
+    from engine import setup
+
+    built = []
+
+    class RecordingAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["cpu"])
+            super().__init__(*args, **kwargs)
+            built.append(self.device.type)
+
+    monkeypatch.setattr(setup, "Accelerator", RecordingAccelerator)
+    ours(assets, tokenizer_dir, "use-cpu", "--use_cpu", "--max_steps", "1")
+    ours(assets, tokenizer_dir, "no-use-cpu", "--max_steps", "1")
+    assert built[:3] == [True, "cpu", False]  # the last: "cpu" here, "cuda" on a GPU machine
