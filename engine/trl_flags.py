@@ -139,7 +139,6 @@ AWAITING_LOOP: dict[str, str] = {
     "dtype": "setup: from_pretrained(dtype=...)", "use_cpu": "setup: Accelerator(cpu=True)",
     "torch_compile": "setup: torch.compile", "torch_compile_backend": "setup: torch.compile",
     "torch_compile_mode": "setup: torch.compile",
-    "padding_free": "data: padding-free collation",
     "neftune_noise_alpha": "setup: engine.neftune.add_neftune_hook",
     "sync_ref_model": "loop: engine.ref_sync.sync_reference every ref_model_sync_steps",
     "ref_model_mixup_alpha": "loop: engine.ref_sync.sync_reference",
