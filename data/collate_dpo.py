@@ -35,6 +35,7 @@ def collate_dpo(
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
     pad_to_multiple_of: int | None = None,
+    padding_free: bool = False,
 ) -> dict[str, Tensor]:
     """Pad B preference examples into one batch of 2B sequences.
 
@@ -46,10 +47,13 @@ def collate_dpo(
         max_length: cut each prompt+completion sequence to this many tokens before padding; None keeps all.
         truncation_mode: "keep_start" keeps the first `max_length` tokens, "keep_end" the last.
         pad_to_multiple_of: round T up to a multiple of this (TRL's `pad_to_multiple_of`).
+        padding_free: pack the 2B sequences into one row instead (see `pack_sequences`).
 
     Returns:
         `input_ids`, `attention_mask`, `completion_mask`: int64 `(2B, T)`, T the longest kept sequence
         (rounded up); plus `ref_chosen_logps`, `ref_rejected_logps`: `(B,)` when the first example has them.
+        Padding-free: `input_ids`, `completion_mask`, `position_ids`, `sequence_index`, each `(1, ΣT)` (rounded
+        up), and no attention mask.
 
     Shape:
         B = len(examples); rows `[:B]` are prompt+chosen, rows `[B:]` prompt+rejected of the same examples.
@@ -77,15 +81,59 @@ def collate_dpo(
     lengths = torch.tensor([len(ids) for ids in sequences])  # (2B,)
     prompt_kept = prompt_kept.clamp(min=0).minimum(lengths)  # (2B,) prompt tokens left in the kept window
 
-    input_ids = right_pad([torch.tensor(ids, dtype=torch.long) for ids in sequences], pad_token_id,
-                          pad_to_multiple_of)  # (2B, T)
-    width = input_ids.size(1)
-    positions = torch.arange(width)  # (T,)
-    attention_mask = (positions < lengths[:, None]).long()  # (2B, T)
-    completion_mask = attention_mask * (positions >= prompt_kept[:, None]).long()  # (2B, T)
-
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if padding_free:
+        batch = pack_sequences(sequences, prompt_kept.tolist(), pad_token_id, pad_to_multiple_of)
+    else:
+        input_ids = right_pad([torch.tensor(ids, dtype=torch.long) for ids in sequences], pad_token_id,
+                              pad_to_multiple_of)  # (2B, T)
+        width = input_ids.size(1)
+        positions = torch.arange(width)  # (T,)
+        attention_mask = (positions < lengths[:, None]).long()  # (2B, T)
+        completion_mask = attention_mask * (positions >= prompt_kept[:, None]).long()  # (2B, T)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
     for key in REF_LOGPS_KEYS:
         if key in examples[0]:
             batch[key] = torch.tensor([example[key] for example in examples])  # (B,)
     return batch
+
+
+def pack_sequences(sequences: list[list[int]], prompt_lengths: list[int], pad_token_id: int,
+                   pad_to_multiple_of: int | None = None) -> dict[str, Tensor]:
+    """--padding_free: the 2B (already truncated) sequences end to end in one row, no padding.
+
+    `position_ids` restart at 0 at each sequence, which is how transformers keeps packed sequences from attending
+    to each other (no attention mask is passed); `sequence_index` says which of the 2B sequences each token
+    belongs to, so the model's per-token statistics can be laid out one row per sequence again
+    (`losses.logps.unpack_sequences`) and summed per sequence exactly as in the padded layout. With
+    `pad_to_multiple_of`, the row is padded at its end with one-token "sequences" at position 0 that have
+    `sequence_index` -1 and no completion token.
+
+    Shape:
+        sequences: 2B lists, the n-th of T_n tokens -> each output (1, ΣT_n) (rounded up)
+    """
+    input_ids = torch.tensor([token for ids in sequences for token in ids], dtype=torch.long)  # (ΣT,)
+    positions = torch.cat([torch.arange(len(ids)) for ids in sequences])  # (ΣT,)
+    completion = torch.cat([(torch.arange(len(ids)) >= kept).long()
+                            for ids, kept in zip(sequences, prompt_lengths, strict=True)])  # (ΣT,)
+    index = torch.cat([torch.full((len(ids),), n) for n, ids in enumerate(sequences)])  # (ΣT,)
+    return {
+        "input_ids": right_pad([input_ids], pad_token_id, pad_to_multiple_of),  # (1, ΣT)
+        "completion_mask": right_pad([completion], 0, pad_to_multiple_of),
+        "position_ids": right_pad([positions], 0, pad_to_multiple_of),
+        "sequence_index": right_pad([index], -1, pad_to_multiple_of),
+    }
+
+
+def completion_lengths(batch: Mapping[str, Tensor]) -> Tensor:
+    """Completion tokens of each of the 2B sequences, (2B,), in either layout (TRL: the unshifted mask)."""
+    if "sequence_index" not in batch:
+        return batch["completion_mask"].sum(-1)
+    index = batch["sequence_index"][batch["completion_mask"].bool()]  # (N_completion,)
+    return torch.bincount(index, minlength=int(batch["sequence_index"].max()) + 1)
+
+
+def num_real_tokens(batch: Mapping[str, Tensor]) -> Tensor:
+    """Tokens that are not padding, in either layout (TRL's `num_tokens`)."""
+    if "sequence_index" not in batch:
+        return batch["attention_mask"].sum()
+    return (batch["sequence_index"] >= 0).sum()

@@ -199,8 +199,6 @@ def _validate_loop_flags(config: Any, bad) -> None:
     if config.pad_to_multiple_of not in (None, "auto") and not (
             str(config.pad_to_multiple_of).isdigit() and int(config.pad_to_multiple_of) >= 1):
         raise bad("pad_to_multiple_of", "must be a whole number >= 1, auto or none")
-    if config.padding_free and config.method == "sft" and config.packing is False and config.max_length is None:
-        raise bad("padding_free", "needs --max_length")
     if config.neftune_noise_alpha is not None and not config.neftune_noise_alpha > 0:
         raise bad("neftune_noise_alpha", "must be > 0 (TRL suggests 5 to 15), or none")
     if not 0.0 <= config.ref_model_mixup_alpha <= 1.0:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from data.collate_dpo import completion_lengths, num_real_tokens
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import LeanCausalLM
@@ -69,7 +70,8 @@ class DPOMethod(Method):
         # TRL truncates in the collator (each prompt+completion to max_length), not at preparation.
         batch = collate_dpo(examples, pad_token_id=resolve_pad_token_id(self.tokenizer),
                             max_length=self.config.max_length, truncation_mode=self.config.truncation_mode,
-                            pad_to_multiple_of=pad_multiple(self.config.pad_to_multiple_of))
+                            pad_to_multiple_of=pad_multiple(self.config.pad_to_multiple_of),
+                            padding_free=self.config.padding_free)
         batch["index"] = torch.tensor([e["index"] for e in examples])
         return batch
 
@@ -119,7 +121,8 @@ class DPOMethod(Method):
         if isinstance(model, PreTrainedModel):
             model = LeanCausalLM(model)  # a plain transformers model (reports, scripts)
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # (2B, T)
-        stats = model(batch["input_ids"], labels, attention_mask=batch["attention_mask"],
+        stats = model(batch["input_ids"], labels, attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), sequence_index=batch.get("sequence_index"),
                       log_sum_sq_probs=self.config.use_weighting)  # each (2B, T-1), zero off the completion
         return sequence_logps(stats.logps, stats.mask, self.config.ld_alpha), stats
 
@@ -136,7 +139,7 @@ class DPOMethod(Method):
         ref_chosen = ref_rejected = None
         if self.reference is not None:
             ref_chosen, ref_rejected = self.reference.logps(batch, train=train).to(sums.dtype).chunk(2)  # (B,), (B,)
-        chosen_lengths, rejected_lengths = batch["completion_mask"].sum(-1).chunk(2)  # TRL: the unshifted mask
+        chosen_lengths, rejected_lengths = completion_lengths(batch).chunk(2)  # TRL: the unshifted mask
         pair = PreferenceBatch(
             chosen_logps=chosen_logps, rejected_logps=rejected_logps,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
@@ -164,7 +167,7 @@ class DPOMethod(Method):
         chosen_top1 = stats.is_top1.float().chunk(2)[0]  # (B, T-1)
         sums = torch.stack([
             stats.entropy[mask].sum(), mask.sum(), chosen_logits.sum(), chosen_mask.sum(), rejected_logits.sum(),
-            rejected_mask.sum(), chosen_top1.sum(), batch["attention_mask"].sum(),
+            rejected_mask.sum(), chosen_top1.sum(), num_real_tokens(batch),
         ]).detach().float()
         entropy, tokens, chosen_logit_sum, chosen_tokens, rejected_logit_sum, rejected_tokens, correct, seen = (
             self.accelerator.gather(sums.unsqueeze(0)).sum(0).tolist())

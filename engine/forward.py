@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from losses.logps import IGNORE_INDEX, TokenStats, scatter_to_positions, target_token_stats
+from losses.logps import IGNORE_INDEX, TokenStats, scatter_to_positions, target_token_stats, unpack_sequences
 
 PREFIX = "causal_lm."  # what the wrapper adds to the plain model's state-dict keys
 
@@ -42,15 +42,22 @@ class LeanCausalLM(nn.Module):
         self.causal_lm.tie_weights()
 
     def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, log_sum_sq_probs: bool = False) -> TokenStats:
+                position_ids: Tensor | None = None, log_sum_sq_probs: bool = False,
+                sequence_index: Tensor | None = None) -> TokenStats:
         """Score `labels` (same shape as input_ids, -100 = not a target), shifting by one.
 
         Returns entropy, mean logit and top-1 hits too (the metrics), and log Σp² when asked (WPO).
 
+        Padding-free rows (several sequences in one row, `position_ids` restarting at 0 and no attention mask):
+        transformers then masks attention block-diagonally (without a KV cache, hence `use_cache=False`), and a
+        token at position 0 is never a target (nothing of its own sequence precedes it). With `sequence_index`
+        (which sequence each token is in) the statistics come back one row per sequence
+        (`losses.logps.unpack_sequences`), exactly as for the padded batch.
+
         Shape:
-            input_ids, labels, attention_mask, position_ids: (B, T)
+            input_ids, labels, attention_mask, position_ids, sequence_index: (B, T)
             each field of the result: (B, T-1), position t scoring the token at t + 1 (the logits of the last
-            position predict no given token and are never computed)
+            position predict no given token and are never computed); with `sequence_index`: (S, L-1)
         """
         kwargs = {"input_ids": input_ids, "use_cache": False}
         if attention_mask is not None:
@@ -60,9 +67,12 @@ class LeanCausalLM(nn.Module):
         hidden = self.causal_lm.get_decoder()(**kwargs).last_hidden_state[:, :-1]  # (B, T-1, H)
         targets = labels[:, 1:]  # (B, T-1): the token each position predicts
         mask = targets != IGNORE_INDEX  # (B, T-1)
+        if position_ids is not None:
+            mask = mask & (position_ids[:, 1:] != 0)  # a sequence's first token: predicted by another sequence
         wanted = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if log_sum_sq_probs else ())
         values = target_token_stats(hidden[mask], targets[mask], self._project, wanted=wanted)  # each (N,)
-        return TokenStats(mask, **{name: scatter_to_positions(value, mask) for name, value in values.items()})
+        stats = TokenStats(mask, **{name: scatter_to_positions(value, mask) for name, value in values.items()})
+        return stats if sequence_index is None else unpack_sequences(stats, sequence_index, position_ids)
 
     def _project(self, hidden: Tensor) -> Tensor:
         """The LM head on k rows of hidden states, with the model's logit scale / soft-cap: (k, H) -> (k, V)."""

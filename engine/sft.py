@@ -45,7 +45,8 @@ class SFTMethod(Method):
             truncation_mode=self.config.truncation_mode,
             shuffle_seed=shuffle_seed,
         )
-        self.padding_free = report.padding_free  # bfd packing: one row per batch, documents kept apart
+        # --padding_free, or bfd packing (TRL turns it on for bfd): one row per batch, documents kept apart.
+        self.padding_free = report.padding_free or self.config.padding_free
         return examples, report
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Tensor]:

@@ -136,7 +136,6 @@ AWAITING_LOOP: dict[str, str] = {
     "dtype": "setup: from_pretrained(dtype=...)",
     "torch_compile": "setup: torch.compile", "torch_compile_backend": "setup: torch.compile",
     "torch_compile_mode": "setup: torch.compile",
-    "padding_free": "data: padding-free collation",
     "neftune_noise_alpha": "setup: engine.neftune.add_neftune_hook",
 }
 

@@ -24,7 +24,7 @@ results are fp32.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,30 @@ def target_token_stats(
 def scatter_to_positions(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-target values (N,) back to their (B, T) positions, zero (False) where `mask` is False."""
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
+def unpack_sequences(stats: TokenStats, sequence_index: torch.Tensor, position_ids: torch.Tensor) -> TokenStats:
+    """Statistics of one packed row (padding-free) laid out one row per sequence, as a padded batch has them.
+
+    Packed position j scores token j+1, which is token p = position_ids[j+1] of sequence s = sequence_index[j+1];
+    a padded row of that sequence scores it at column p - 1. A sequence's first token (p = 0) is never a target
+    and padding (s = -1) never is either, so every target has a place. Differentiable (index_put).
+
+    Shape:
+        stats fields: (1, N-1); sequence_index, position_ids: (1, N)
+        result fields: (S, L-1), S = max(sequence_index) + 1 sequences, L = max(position_ids) + 1 tokens
+    """
+    targets = stats.mask[0]  # (N-1,)
+    rows = sequence_index[0, 1:][targets]  # (n,)
+    columns = position_ids[0, 1:][targets] - 1  # (n,)
+    shape = (int(sequence_index.max()) + 1, int(position_ids.max()))
+
+    def place(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        return values.new_zeros(shape).index_put((rows, columns), values[0][targets])
+
+    return TokenStats(**{field.name: place(getattr(stats, field.name)) for field in fields(TokenStats)})
 
 
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:

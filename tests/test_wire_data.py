@@ -202,3 +202,141 @@ def test_group_by_length_batches_are_grouped_deterministic_and_resume_bit_exact(
     full, resumed = records(assets, "grouped"), records(assets, "grouped_resumed")
     steps_4_to_6 = [(r["loss"], r["grad_norm"]) for r in full if "loss" in r and r.get("step", 0) > 3]
     assert len(steps_4_to_6) == 3 and [(r["loss"], r["grad_norm"]) for r in resumed if "loss" in r] == steps_4_to_6
+
+
+# ---------------------------------------------------------------------- 4. --padding_free
+
+def _tiny_causal_lm(arch: str, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "smollm3": (SmolLM3Config, SmolLM3ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = attn
+    return model_class(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "smollm3"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_transformers_keeps_packed_sequences_apart(arch, attn):
+    """transformers 5.24 (masking_utils.find_packed_sequence_indices): one row of several sequences with
+    position_ids restarting at 0 and NO attention mask gets a block-diagonal causal mask, so each sequence's logits
+    equal its own padded row's to fp32 rounding (observed <= 2.4e-7 on logits of ~1). Only without a KV cache: a
+    forward with transformers' default use_cache=True skips the detection and attends across sequences, which is
+    why LeanCausalLM always passes use_cache=False. Without position_ids the packed row is one long sequence (the
+    comparison then fails by ~0.5: the check can tell)."""
+    from engine.forward import LeanCausalLM
+
+    model = _tiny_causal_lm(arch, attn)
+    lengths = [5, 9, 3, 1, 7]
+    sequences = [torch.randint(3, 101, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)], mask[row, : len(sequence)] = sequence, 1
+    packed_ids = torch.cat(sequences)[None]  # (1, ΣT)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, ΣT)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        packed = model(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0]  # (ΣT, V)
+        one_sequence = model(input_ids=packed_ids, use_cache=False).logits[0]
+        # Our forward: per-token log-probs of the packed row (first token of each sequence: no target).
+        labels = packed_ids.clone()
+        labels[positions == 0] = -100
+        packed_stats = LeanCausalLM(model)(packed_ids, labels, position_ids=positions)  # (1, ΣT-1)
+        padded_stats = LeanCausalLM(model)(ids, ids.masked_fill(mask == 0, -100), attention_mask=mask)  # (B, T-1)
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(packed[starts[row] : starts[row] + n], padded[row, :n], rtol=0, atol=1e-6)
+        assert (one_sequence[starts[row] : starts[row] + n] - padded[row, :n]).abs().max() > 1e-2 or row == 0
+        torch.testing.assert_close(packed_stats.logps[0, starts[row] : starts[row] + n - 1],
+                                   padded_stats.logps[row, : n - 1], rtol=0, atol=1e-5)
+    assert packed_stats.mask.sum() == padded_stats.mask.sum() == sum(lengths) - len(lengths)
+
+
+def test_sft_padding_free_matches_trl_padding_free(tmp_path, tokenizer, tokenizer_dir, collated):
+    """TRL 1.16 SFTTrainer(padding_free=True) on CPU/sdpa: it accepts it (max_length must be None without
+    packing) and feeds one (1, ΣT) row with position_ids and no attention mask. Ours, through the CLI, feeds the
+    same micro-batches exactly and logs the same loss, grad_norm, entropy, mean_token_accuracy and num_tokens for 3
+    steps (batch 3 x accumulation 2, lr 1e-3), within 1e-5 relative as tests/test_parity_sft.py argues (observed
+    there <= 1.5e-7; AdamW eps 1e-6 for the reason given there)."""
+    from datasets import Dataset
+
+    from tests.trl_harness import make_tiny_model_dir, run_trl_sft
+
+    rows = [{"messages": [{"role": "user", "content": f"Name {i} colours."},
+                          {"role": "assistant", "content": " ".join(["red", "blue", "green"] * (1 + i % 4))}]}
+            for i in range(12)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = make_tiny_model_dir(tmp_path, "smollm3", vocab_size=len(tokenizer), seed=0)
+    settings = dict(per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3,
+                    adam_epsilon=1e-6, seed=42)
+    trl = run_trl_sft(model_dir, tokenizer, Dataset.from_list(rows), output_dir=str(tmp_path / "trl"),
+                      padding_free=True, max_length=None, **settings)
+    flags = ["--method", "sft", "--model_name_or_path", str(model_dir), "--tokenizer_name_or_path",
+             str(tokenizer_dir), "--dataset_name", str(tmp_path / "data.jsonl"), "--output_dir", str(tmp_path / "ours"),
+             "--bf16", "false", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "--padding_free",
+             "--max_length", "none", *[f"--{k}={v}" for k, v in settings.items()]]
+    assert cli.main(flags) == 0
+    theirs = [batch for window in trl.batches for batch in window]
+    assert len(collated) == len(theirs) == 6
+    for (_, ours), trl_batch in zip(collated, theirs, strict=True):
+        assert "attention_mask" not in ours and "attention_mask" not in trl_batch
+        assert ours["input_ids"].shape[0] == 1 and ours["input_ids"].shape[1] > 40  # three sequences in one row
+        for key in ("input_ids", "labels", "position_ids"):
+            assert torch.equal(ours[key], trl_batch[key]), key
+    ours_logs = [r for r in records_at(tmp_path / "ours") if "loss" in r]
+    assert len(ours_logs) == 3
+    for mine, their in zip(ours_logs, trl.logs, strict=True):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert mine[key] == pytest.approx(their[key], rel=1e-5), (mine["step"], key)
+
+
+def records_at(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_padding_free_equals_the_padded_run(assets, collated, method):
+    """--padding_free changes the layout, not the numbers: each micro-batch is one row of ΣT real tokens (no
+    padding; position_ids restart at 0 per sequence) and the clipped gradients of every step and the logged
+    losses, gradient norms and metrics equal the padded run's to fp32 rounding (1e-5 relative over 3 steps at lr
+    1e-3; the sums run in a different order). DPO: TRL 1.16 ignores padding_free (it warns and pads), so our own
+    padded run is the reference; the policy and the reference model both score the packed row.
+    With --max_length the sequences are cut as in the padded run (TRL refuses padding_free with max_length and
+    no packing; we truncate each sequence at preparation / collation, as the padded run does)."""
+    from engine.config import parse_config
+    from engine.loop import train
+
+    def run(out: str, *extra: str) -> list[dict]:
+        grads = []
+
+        def record(step: int, model) -> None:  # after clipping, before the optimizer step
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        train(parse_config(run_args(assets, method, out, "--max_steps", "3", "--max_length", "64", *extra)),
+              step_hook=record)
+        return grads
+
+    packed_grads = run(f"pf_{method}", "--padding_free")
+    packed = list(collated)
+    collated.clear()
+    padded_grads = run(f"padded_{method}")
+    assert len(packed_grads) == len(padded_grads) == 3
+    for step_packed, step_padded in zip(packed_grads, padded_grads, strict=True):
+        assert step_packed.keys() == step_padded.keys()
+        for name, grad in step_padded.items():  # per parameter: max|diff| <= 1e-5 max|grad|
+            assert (step_packed[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+    for (_, packed_batch), (_, padded_batch) in zip(packed, collated, strict=True):
+        real = int(padded_batch["attention_mask"].sum())
+        assert packed_batch["input_ids"].shape == (1, real) and "attention_mask" not in packed_batch
+    padded_positions = sum(batch["input_ids"].numel() for _, batch in collated)
+    packed_positions = sum(batch["input_ids"].numel() for _, batch in packed)
+    assert packed_positions < 0.9 * padded_positions  # the padded run does pad
+    for with_pf, padded in zip(records(assets, f"pf_{method}"), records(assets, f"padded_{method}"), strict=True):
+        for key, value in padded.items():
+            if isinstance(value, float) and key not in ("learning_rate", "epoch"):
+                assert with_pf[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (padded.get("step"), key)
