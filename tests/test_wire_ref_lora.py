@@ -161,6 +161,12 @@ def test_tr_dpo_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, pairs_
     assert not torch.equal(saved["model.norm.weight"], start["model.norm.weight"])
     assert not torch.equal(saved["model.norm.weight"], policy_3["model.norm.weight"])
 
+    # Resumed without --sync_ref_model, the saved reference would be dropped: refused.
+    plain = [a for a in tr_dpo_flags(tiny_model_dir, pairs_file, tmp_path / "plain", "--resume_from_checkpoint",
+                                     str(checkpoint)) if a != "--sync_ref_model"]
+    with pytest.raises(UserError, match="the checkpoint holds a TR-DPO reference"):
+        train(parse_config(plain))
+
     # Without its reference weights the checkpoint is refused (the manifest names the missing file).
     damaged = tmp_path / "damaged" / "checkpoint-3"
     shutil.copytree(checkpoint, damaged)
