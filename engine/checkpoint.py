@@ -188,6 +188,7 @@ def save_checkpoint(output_dir: Path, state: TrainingState, accelerator: Acceler
     what = f"checkpoint {state.global_step}"
     needed = storage.estimate_checkpoint_bytes(plain_model(accelerator, model), optimizer,
                                                adapter_only=config.use_peft)
+    needed += storage.tensor_bytes(method_state) if method_state else 0  # e.g. TR-DPO's reference weights
     decide_on_main(accelerator, lambda: storage.require_free_space(output_dir, needed, what=what,
                                                                    survived=last_checkpoint))
     state_dict = full_state_dict(accelerator, model)  # every process takes part when the model is sharded

@@ -161,6 +161,12 @@ def test_tr_dpo_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, pairs_
     assert not torch.equal(saved["model.norm.weight"], start["model.norm.weight"])
     assert not torch.equal(saved["model.norm.weight"], policy_3["model.norm.weight"])
 
+    # Resumed without --sync_ref_model, the saved reference would be dropped: refused.
+    plain = [a for a in tr_dpo_flags(tiny_model_dir, pairs_file, tmp_path / "plain", "--resume_from_checkpoint",
+                                     str(checkpoint)) if a != "--sync_ref_model"]
+    with pytest.raises(UserError, match="the checkpoint holds a TR-DPO reference"):
+        train(parse_config(plain))
+
     # Without its reference weights the checkpoint is refused (the manifest names the missing file).
     damaged = tmp_path / "damaged" / "checkpoint-3"
     shutil.copytree(checkpoint, damaged)
@@ -488,3 +494,27 @@ def test_lora_flag_refusals_are_one_line(tmp_path, tiny_model_dir, capsys, extra
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
     assert not (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_check_can_sync_refuses_kinds_that_cannot_follow(tiny_model_dir):
+    """The reference kinds TR-DPO cannot move, each one line: adapters off (TRL refuses PEFT too), precomputed
+    log-probs, and a sharded policy (FSDP / DeepSpeed, which a CPU run cannot launch: a stand-in accelerator)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    from engine.forward import LeanCausalLM
+    from engine.reference import AdaptersOff, FrozenModel, Precomputed, check_can_sync
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    policy = LeanCausalLM(model)
+    plain = SimpleNamespace(distributed_type=DistributedType.NO)
+    with pytest.raises(UserError, match="--sync_ref_model: with --use_peft the reference is the base model"):
+        check_can_sync(AdaptersOff(policy, None), policy, plain, None)
+    with pytest.raises(UserError, match="--sync_ref_model: precomputed reference log-probs are fixed"):
+        check_can_sync(Precomputed, policy, plain, None)
+    frozen = FrozenModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), None, torch.device("cpu"))
+    check_can_sync(frozen, policy, plain, None)  # a copy of the policy's architecture: fine
+    with pytest.raises(UserError, match="--sync_ref_model with FSDP is not supported"):
+        check_can_sync(frozen, policy, SimpleNamespace(distributed_type=DistributedType.FSDP), None)
