@@ -134,7 +134,6 @@ RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_
 # TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
 AWAITING_LOOP: dict[str, str] = {
     "group_by_length": "loop: length-grouped batches",
-    "dtype": "setup: from_pretrained(dtype=...)",
     "torch_compile": "setup: torch.compile", "torch_compile_backend": "setup: torch.compile",
     "torch_compile_mode": "setup: torch.compile",
     "padding_free": "data: padding-free collation", "pad_to_multiple_of": "data: collator padding",

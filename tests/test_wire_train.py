@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from datasets import Dataset
 
 import train as cli
@@ -175,3 +176,45 @@ def test_use_cpu_reaches_the_accelerator(assets, tokenizer_dir, monkeypatch):
     ours(assets, tokenizer_dir, "use-cpu", "--use_cpu", "--max_steps", "1")
     ours(assets, tokenizer_dir, "no-use-cpu", "--max_steps", "1")
     assert built[:3] == [True, "cpu", False]  # the last: "cpu" here, "cuda" on a GPU machine
+
+
+# ---------------------------------------------------------------------- --dtype
+
+def test_dtype_bfloat16_trains_and_saves_bf16_weights(assets, tokenizer, tokenizer_dir, monkeypatch):
+    """--dtype bfloat16 loads the weights in bf16 and trains them as they are, as TRL does (`trl sft --dtype
+    bfloat16` sets model_init_kwargs dtype; no fp32 master copy, AdamW's state follows the weights' dtype): the
+    three steps equal TRL's within 1e-5 (measured: losses and grad norms equal, one loss 7e-8 apart), the loss
+    falls, and the saved model is bf16 with config.json saying so. The default (float32, TRL's) is unchanged."""
+    from safetensors.torch import load_file
+
+    from engine import update
+
+    seen = []
+    original = update.build_optimizer
+
+    def recording_build_optimizer(model, config):
+        seen.append({p.dtype for p in model.parameters()})
+        return original(model, config)
+
+    monkeypatch.setattr("engine.loop.build_optimizer", recording_build_optimizer)
+    root = assets[0]
+    logs = ours(assets, tokenizer_dir, "dtype-bf16", "--dtype", "bfloat16")
+    assert seen == [{torch.bfloat16}]
+    assert_same_logs(logs, trl(assets, tokenizer, model_init_kwargs={"dtype": "bfloat16"}))
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert json.loads((root / "dtype-bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in load_file(str(root / "dtype-bf16" / "model.safetensors")).values()} == {torch.bfloat16}
+    ours(assets, tokenizer_dir, "dtype-default", "--max_steps", "1")
+    assert seen[1] == {torch.float32}
+
+
+def test_dtype_applies_to_the_built_in_model(tmp_path):
+    """The built-in tiny SmolLM3 (built from a config, no --model_name_or_path) gets --dtype too."""
+    from engine.config import parse_config
+    from engine.loop import train
+
+    result = train(parse_config(["--dtype", "bfloat16", "--bf16", "false", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                                 "--output_dir", str(tmp_path / "builtin"), "--disable_tqdm", "--eval_steps", "0",
+                                 "--save_steps", "0"]))
+    assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "builtin" / "config.json").read_text())["dtype"] == "bfloat16"
