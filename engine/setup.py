@@ -17,6 +17,7 @@ from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import plain_model, plain_state_dict
 from engine.model import build_tiny_smollm3, load_model, load_tokenizer, torch_dtype
+from engine.neftune import add_neftune_hook
 from engine.tracking import start_trackers
 
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -163,6 +164,10 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
         disable_dropout(model)  # after LoRA injection, so the adapter's dropout is off too (as TRL)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+    if config.neftune_noise_alpha is not None:
+        # Noise only while the model is in training mode: evaluation, generation and a frozen reference copy
+        # (eval mode) see the clean embeddings.
+        add_neftune_hook(model, config.neftune_noise_alpha)
     return model, tokenizer
 
 

@@ -138,7 +138,6 @@ AWAITING_LOOP: dict[str, str] = {
     "torch_compile_mode": "setup: torch.compile",
     "padding_free": "data: padding-free collation", "pad_to_multiple_of": "data: collator padding",
     "max_prompt_length": "data: engine.prompt_truncation.truncate_prompt",
-    "neftune_noise_alpha": "setup: engine.neftune.add_neftune_hook",
     "sync_ref_model": "loop: engine.ref_sync.sync_reference every ref_model_sync_steps",
     "ref_model_mixup_alpha": "loop: engine.ref_sync.sync_reference",
     "ref_model_sync_steps": "loop: engine.ref_sync.sync_reference",
