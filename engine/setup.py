@@ -18,6 +18,7 @@ from engine.errors import UserError
 from engine.forward import plain_model, plain_state_dict
 from engine.model import build_tiny_smollm3, load_model, load_tokenizer, torch_dtype
 from engine.neftune import add_neftune_hook
+from engine.torch_compile import check_compile, compile_policy  # noqa: F401 (compile_policy: the loop's)
 from engine.tracking import start_trackers
 
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -52,6 +53,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         cpu=config.use_cpu or multi_process_cpu,
     )
     _check_sharding(config, accelerator)
+    check_compile(config, accelerator.device)
     start_trackers(accelerator, config)
     return accelerator
 

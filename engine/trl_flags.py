@@ -134,8 +134,6 @@ RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_
 # TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
 AWAITING_LOOP: dict[str, str] = {
     "group_by_length": "loop: length-grouped batches",
-    "torch_compile": "setup: torch.compile", "torch_compile_backend": "setup: torch.compile",
-    "torch_compile_mode": "setup: torch.compile",
     "padding_free": "data: padding-free collation", "pad_to_multiple_of": "data: collator padding",
     "max_prompt_length": "data: engine.prompt_truncation.truncate_prompt",
     "sync_ref_model": "loop: engine.ref_sync.sync_reference every ref_model_sync_steps",
