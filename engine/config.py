@@ -21,7 +21,7 @@ from typing import Any
 from engine.config_checks import installed_trackers, validate_config
 from engine.errors import UserError
 from engine.flag_values import convert_value, parse_bool_or_none, strip_optional
-from engine.trl_flags import AWAITING_LOOP, INERT, REFUSED, RENAMED, apply_trl_flags, warn_awaiting_loop
+from engine.trl_flags import INERT, REFUSED, RENAMED, apply_trl_flags
 
 # Defaults that differ by method, as in TRL 1.16's SFTConfig / DPOConfig.
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -307,8 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         if f.name in HELP_GROUPS:
             group = parser.add_argument_group(HELP_GROUPS[f.name])
-        note = " [accepted and validated; not applied by the loop yet]" if f.name in AWAITING_LOOP else ""
-        _add_flag(group, f.name, _field_types()[f.name][0], f.metadata.get("help", "") + note)
+        _add_flag(group, f.name, _field_types()[f.name][0], f.metadata.get("help", ""))
     compat = parser.add_argument_group("TRL flags without effect here (accepted at TRL's default)")
     for name, flag in {**INERT, **REFUSED}.items():
         kind = "no effect" if name in INERT else "not supported"
@@ -350,9 +349,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     if values.get("model_name_or_path") is None:
         method = values.get("method", "sft")
         values = {**BUILTIN_MODEL_DEFAULTS.get(method, {}), **values}
-    config = TrainConfig(**values).resolved()
-    warn_awaiting_loop(config, TrainConfig(method=config.method).resolved())
-    return config
+    return TrainConfig(**values).resolved()
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

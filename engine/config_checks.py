@@ -32,6 +32,7 @@ TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "trackio"
 INTERVALS = ("no", "steps", "epoch")
 HUB_STRATEGIES = ("end", "every_save")  # TRL's default is every_save: here the one push is at the end
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
 # --gradient_checkpointing_kwargs: torch.utils.checkpoint's JSON-able arguments, transformers' every_n_layers and
 # offload, TRL's selective (only false).
 CHECKPOINTING_KWARGS = ("use_reentrant", "preserve_rng_state", "determinism_check", "debug", "every_n_layers",
@@ -192,6 +193,11 @@ def _validate_loop_flags(config: Any, bad) -> None:
         raise bad("optim", f"must be one of {', '.join(OPTIM_ARGS)} (other transformers optimizers: not supported)")
     parse_optim_args(config.optim, config.optim_args)
     _validate_checkpointing_kwargs(config, bad)
+    if config.torch_compile_mode is not None and config.torch_compile_mode not in COMPILE_MODES:
+        raise bad("torch_compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
+    if config.torch_compile_mode is not None and config.torch_compile_backend not in (None, "inductor"):
+        raise bad("torch_compile_mode", f"is an inductor option; the {config.torch_compile_backend} backend "
+                  "takes none (drop --torch_compile_mode or use --torch_compile_backend inductor)")
     if config.dtype is not None and config.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
     if config.data_seed is not None and config.data_seed < 0:

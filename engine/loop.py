@@ -138,6 +138,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, step_hook: StepHook | 
     # What accelerate prepares: the decoder with the lean LM head as its forward (engine/forward.py); `model` stays
     # the plain transformers model (LoRA, checkpoints, save_pretrained).
     policy = method.setup(LeanCausalLM(model), train_examples, accelerator)  # e.g. DPO's reference, before step 1
+    setup.compile_policy(config, policy)  # --torch_compile, after the reference copy
     ckpt.check_free_space_for_run(config, accelerator, model)
 
     optimizer = build_optimizer(model, config)

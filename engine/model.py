@@ -22,8 +22,16 @@ TINY_SMOLLM3 = dict(
 )
 
 
-def build_tiny_smollm3(tokenizer: PreTrainedTokenizerBase, seed: int = 42, **overrides) -> PreTrainedModel:
-    """A randomly initialised SmolLM3 sized for CPU, with token ids taken from `tokenizer`."""
+def torch_dtype(name: str | None) -> torch.dtype | str:
+    """--dtype -> what from_pretrained takes: a torch dtype, or "auto" (the checkpoint's own dtype; None means
+    auto too, as in from_pretrained)."""
+    return "auto" if name in (None, "auto") else getattr(torch, name)
+
+
+def build_tiny_smollm3(tokenizer: PreTrainedTokenizerBase, seed: int = 42, dtype: torch.dtype | str = "auto",
+                       **overrides) -> PreTrainedModel:
+    """A randomly initialised SmolLM3 sized for CPU, with token ids taken from `tokenizer`; initialised in fp32,
+    then cast to `dtype` ("auto": stays fp32, the dtype its config names)."""
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
     config = SmolLM3Config(
@@ -35,7 +43,8 @@ def build_tiny_smollm3(tokenizer: PreTrainedTokenizerBase, seed: int = 42, **ove
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SmolLM3ForCausalLM(config)
+        model = SmolLM3ForCausalLM(config)
+    return model if dtype == "auto" else model.to(dtype)
 
 
 def _looks_local(name: str) -> bool:
@@ -75,9 +84,10 @@ def load_tokenizer(name: str, *, revision: str = "main", trust_remote_code: bool
 
 
 def load_model(name: str, *, revision: str = "main", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None, dtype: torch.dtype | str = torch.float32,
                what: str = "--model_name_or_path") -> PreTrainedModel:
-    """Load a causal LM in `dtype` (fp32 master weights by default; bf16 autocast happens in the loop)."""
+    """Load a causal LM in `dtype` (fp32 master weights by default, TRL's --dtype default; bf16 autocast happens in
+    the loop; "auto": the checkpoint's own dtype)."""
     check_model_source(name, what)
     check_causal_lm(name, what, revision=revision, trust_remote_code=trust_remote_code)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=dtype)

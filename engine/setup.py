@@ -16,7 +16,9 @@ from engine import storage
 from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.forward import plain_model, plain_state_dict
-from engine.model import build_tiny_smollm3, load_model, load_tokenizer
+from engine.model import build_tiny_smollm3, load_model, load_tokenizer, torch_dtype
+from engine.neftune import add_neftune_hook
+from engine.torch_compile import check_compile, compile_policy  # noqa: F401 (compile_policy: the loop's)
 from engine.tracking import start_trackers
 
 LORA_CONFIG_FILE = "adapter_config.json"
@@ -51,6 +53,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         cpu=config.use_cpu or multi_process_cpu,
     )
     _check_sharding(config, accelerator)
+    check_compile(config, accelerator.device)
     start_trackers(accelerator, config)
     return accelerator
 
@@ -118,7 +121,7 @@ def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor] 
 
 
 def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
-    """The policy (fp32 master weights) and its tokenizer; LoRA injected when --use_peft."""
+    """The policy (in --dtype: fp32 by default) and its tokenizer; LoRA injected when --use_peft."""
     from data.defaults import DEFAULT_TOKENIZER_DIR
 
     name = config.model_name_or_path
@@ -145,11 +148,12 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
     tokenizer = load_tokenizer(tokenizer_name, revision=config.model_revision,
                                trust_remote_code=config.trust_remote_code,
                                chat_template_path=config.chat_template_path)
+    dtype = torch_dtype(config.dtype)  # TRL trains the weights in this dtype (bfloat16: no fp32 master copy)
     if name is None:
-        model = build_tiny_smollm3(tokenizer, seed=config.seed)
+        model = build_tiny_smollm3(tokenizer, seed=config.seed, dtype=dtype)
     else:
         model = load_model(name, revision=config.model_revision, trust_remote_code=config.trust_remote_code,
-                           attn_implementation=config.attn_implementation)
+                           attn_implementation=config.attn_implementation, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise UserError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
@@ -162,6 +166,10 @@ def load_model_and_tokenizer(config: TrainConfig, accelerator: Accelerator):
         disable_dropout(model)  # after LoRA injection, so the adapter's dropout is off too (as TRL)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model, config.gradient_checkpointing_kwargs)
+    if config.neftune_noise_alpha is not None:
+        # Noise only while the model is in training mode: evaluation, generation and a frozen reference copy
+        # (eval mode) see the clean embeddings.
+        add_neftune_hook(model, config.neftune_noise_alpha)
     return model, tokenizer
 
 

@@ -8,8 +8,6 @@ YAML file never fails on a flag merely for being there:
 - `REFUSED`: nanopost does not have the feature. TRL's default value passes; any other value is an error that
   says why and what to use instead.
 - `RENAMED`: flags of older TRL versions that the Hugging Face course uses, mapped onto today's name.
-- `AWAITING_LOOP`: TrainConfig fields whose config and validation exist but which the training loop does not
-  apply yet (issue 9, phase 2). A non-default value prints a warning, so no flag is silently ignored.
 
 FLAGS.md (scripts/gen_flags_md.py) is generated from these tables and TrainConfig; tests/test_flags.py fails when
 a TRL flag is in neither.
@@ -131,15 +129,6 @@ REFUSED: dict[str, TrlFlag] = {
 # old name -> today's name (both TRL's). The value is passed on unchanged.
 RENAMED: dict[str, str] = {"torch_dtype": "dtype", "evaluation_strategy": "eval_strategy"}
 
-# TrainConfig fields the loop does not apply yet -> the hook that will apply them (issue 9, phase 2).
-AWAITING_LOOP: dict[str, str] = {
-    "dtype": "setup: from_pretrained(dtype=...)",
-    "torch_compile": "setup: torch.compile", "torch_compile_backend": "setup: torch.compile",
-    "torch_compile_mode": "setup: torch.compile",
-    "neftune_noise_alpha": "setup: engine.neftune.add_neftune_hook",
-}
-
-
 def is_default(flag: TrlFlag, value: Any) -> bool:
     """Whether a given value (a flag string, or a YAML value) equals TRL's default for the flag."""
     if isinstance(value, str):
@@ -180,13 +169,3 @@ def apply_trl_flags(values: dict[str, Any], warn=None) -> dict[str, Any]:
         else:
             kept[name] = value
     return kept
-
-
-def warn_awaiting_loop(config, defaults, warn=None) -> None:
-    """Warn for each AWAITING_LOOP field given away from its default: accepted, but not applied yet."""
-    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
-    for name in AWAITING_LOOP:
-        value = getattr(config, name)
-        if value != getattr(defaults, name):
-            value = "<hidden>" if name == "hub_token" else value
-            warn(f"--{name} {value} is validated but the training loop does not apply it yet (issue 9, phase 2)")

@@ -17,7 +17,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from engine.config import TrainConfig  # noqa: E402
-from engine.trl_flags import AWAITING_LOOP, INERT, REFUSED, RENAMED  # noqa: E402
+from engine.trl_flags import INERT, REFUSED, RENAMED  # noqa: E402
 
 OUTPUT = REPO_ROOT / "FLAGS.md"
 OLD_TRL_FIELDS = ("max_prompt_length", "group_by_length")  # TrainConfig fields from TRL < 1.0 / transformers < 5
@@ -36,8 +36,6 @@ def trl_flags() -> dict[str, list[str]]:
 
 def status(name: str) -> str:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name in AWAITING_LOOP:
-        return f"validated; applied in phase 2 ({AWAITING_LOOP[name]}), warns until then"
     if name in fields:
         return "implemented"
     if name in INERT:
