@@ -340,3 +340,26 @@ def test_padding_free_equals_the_padded_run(assets, collated, method):
         for key, value in padded.items():
             if isinstance(value, float) and key not in ("learning_rate", "epoch"):
                 assert with_pf[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (padded.get("step"), key)
+
+
+def test_dpo_padding_free_batch_layout_with_pad_to_multiple_of():
+    """collate_dpo(padding_free=True): the 2B truncated sequences end to end, positions restarting at 0, each
+    token's sequence index, the completion tokens where the padded batch has them; with pad_to_multiple_of 8 the
+    row ends in padding that belongs to no sequence (index -1) and carries no completion token."""
+    from data.collate_dpo import collate_dpo, completion_lengths, num_real_tokens
+
+    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8, 9]},
+                {"prompt_ids": [10], "chosen_ids": [11, 12, 13, 14, 15], "rejected_ids": [16]}]
+    padded = collate_dpo(examples, 0, max_length=6)
+    packed = collate_dpo(examples, 0, max_length=6, pad_to_multiple_of=8, padding_free=True)
+    # [chosen; rejected]: [1 2 3 4 5] [10 11 12 13 14 15] [1 2 3 6 7 8] (cut to 6) [10 16]: 19 tokens, padded to 24
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 1, 2, 3, 6, 7, 8, 10, 16,
+                                             0, 0, 0, 0, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1,
+                                                0, 0, 0, 0, 0]]
+    assert packed["sequence_index"].tolist() == [[0] * 5 + [1] * 6 + [2] * 6 + [3] * 2 + [-1] * 5]
+    assert packed["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1,
+                                                   0, 0, 0, 0, 0]]
+    assert "attention_mask" not in packed
+    assert completion_lengths(packed).tolist() == completion_lengths(padded).tolist() == [2, 5, 3, 1]
+    assert int(num_real_tokens(packed)) == int(num_real_tokens(padded)) == 19
