@@ -363,3 +363,27 @@ def test_dpo_padding_free_batch_layout_with_pad_to_multiple_of():
     assert "attention_mask" not in packed
     assert completion_lengths(packed).tolist() == completion_lengths(padded).tolist() == [2, 5, 3, 1]
     assert int(num_real_tokens(packed)) == int(num_real_tokens(padded)) == 19
+
+
+def test_inspect_batch_shows_the_grouped_padding_free_batch(assets, capsys):
+    """scripts/inspect_batch.py takes the same flags: with --group_by_length it shows the batch the loop trains on
+    (the length-grouped order's first micro-batch), and with --padding_free the same tokens one row per sequence."""
+    from engine.data_order import DataOrder
+    from tests.script_modules import load_script
+
+    inspect_batch = load_script("inspect_batch")
+    argv = ["--method", "dpo", "--model_name_or_path", str(assets / "model"), "--dataset_name",
+            str(assets / "pairs"), "--per_device_train_batch_size", "2", "--bf16", "False", "--max_sequences", "1"]
+    assert inspect_batch.main([*argv, "--group_by_length", "--padding_free"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (assets / "pairs" / "train.jsonl").read_text().splitlines()]
+    from transformers import AutoTokenizer
+
+    from data.common import padded_length
+    from data.dpo import prepare_dpo_dataset
+
+    examples, _ = prepare_dpo_dataset(rows, AutoTokenizer.from_pretrained(assets / "model"), max_length=1024)
+    lengths = tuple(padded_length(e) for e in examples)
+    first = DataOrder(len(examples), 2, 42, lengths=lengths, group_batch_size=2).epoch_order(0)[:2]
+    assert out.startswith(f"method dpo, micro-batch 0 of epoch 0, examples {first}")
+    assert "--padding_free packs them into one row: same numbers" in out
