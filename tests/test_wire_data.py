@@ -387,3 +387,14 @@ def test_inspect_batch_shows_the_grouped_padding_free_batch(assets, capsys):
     first = DataOrder(len(examples), 2, 42, lengths=lengths, group_batch_size=2).epoch_order(0)[:2]
     assert out.startswith(f"method dpo, micro-batch 0 of epoch 0, examples {first}")
     assert "--padding_free packs them into one row: same numbers" in out
+
+
+def test_train_sampling_strategy_group_by_length_is_group_by_length():
+    """transformers 5 (TRL 1.16's TrainingArguments) spells it --train_sampling_strategy group_by_length."""
+    from engine.config import parse_config
+    from engine.errors import UserError
+
+    assert parse_config(["--train_sampling_strategy", "group_by_length"]).group_by_length is True
+    assert parse_config(["--train_sampling_strategy", "random"]).group_by_length is False
+    with pytest.raises(UserError, match="--train_sampling_strategy sequential: not supported"):
+        parse_config(["--train_sampling_strategy", "sequential"])
