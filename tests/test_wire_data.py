@@ -221,13 +221,14 @@ def _tiny_causal_lm(arch: str, attn: str):
 
 @pytest.mark.parametrize("arch", ["llama", "smollm3"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_transformers_keeps_packed_sequences_apart(arch, attn):
+def test_transformers_keeps_packed_sequences_apart(arch, attn, tmp_path):
     """transformers 5.24 (masking_utils.find_packed_sequence_indices): one row of several sequences with
     position_ids restarting at 0 and NO attention mask gets a block-diagonal causal mask, so each sequence's logits
     equal its own padded row's to fp32 rounding (observed <= 2.4e-7 on logits of ~1). Only without a KV cache: a
     forward with transformers' default use_cache=True skips the detection and attends across sequences, which is
     why LeanCausalLM always passes use_cache=False. Without position_ids the packed row is one long sequence (the
-    comparison then fails by ~0.5: the check can tell)."""
+    comparison then fails by ~0.5: the check can tell). LeanCausalLM's per-token log-probs of the packed row (SDPA
+    run per sequence by engine/packed_attention.py; eager through transformers' mask) equal the padded rows'."""
     from engine.forward import LeanCausalLM
 
     model = _tiny_causal_lm(arch, attn)
@@ -255,6 +256,13 @@ def test_transformers_keeps_packed_sequences_apart(arch, attn):
         torch.testing.assert_close(packed_stats.logps[0, starts[row] : starts[row] + n - 1],
                                    padded_stats.logps[row, : n - 1], rtol=0, atol=1e-5)
     assert packed_stats.mask.sum() == padded_stats.mask.sum() == sum(lengths) - len(lengths)
+    # LeanCausalLM's packed forward switched an SDPA model to per-sequence SDPA (engine/packed_attention.py); its
+    # other forwards stay SDPA bit for bit, and the switch is not saved with the model.
+    assert model.config._attn_implementation == {"sdpa": "nanopost_sdpa", "eager": "eager"}[attn]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, padded)
+    model.save_pretrained(tmp_path)
+    assert "nanopost" not in (tmp_path / "config.json").read_text()
 
 
 def test_sft_padding_free_matches_trl_padding_free(tmp_path, tokenizer, tokenizer_dir, collated):
