@@ -87,12 +87,13 @@ class TrainConfig:
     assistant_only_loss: bool = _doc("SFT: train only on assistant turns ({% generation %} template).", default=False)
     max_prompt_length: int | None = _doc(
         "DPO, TRL < 1.0: keep only the last N prompt tokens (older TRL's max_prompt_length).", default=None)
-    padding_free: bool = _doc("Flatten each batch into one row without padding (as TRL).", default=False)
+    padding_free: bool = _doc("Each batch as one row of its sequences, no padding (SFT and DPO).", default=False)
     pad_to_multiple_of: str | None = _doc("Pad batches to a multiple of N tokens (auto: no padding off Neuron).",
                                           default="auto")
     dataloader_drop_last: bool = _doc("Drop the last incomplete batch of each epoch.", default=False)
     data_seed: int | None = _doc("Seed of the data order (default: --seed).", default=None)
-    group_by_length: bool = _doc("Older transformers: batch rows of similar length together.", default=False)
+    group_by_length: bool = _doc("Batch rows of similar length together (transformers' length-grouped order).",
+                                 default=False)
 
     # --- training
     output_dir: str | None = _doc("Where the model, checkpoints and metrics go (default: output/<method>).", default=None)

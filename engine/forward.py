@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from engine.packed_attention import packed_forward
 from losses.logps import IGNORE_INDEX, TokenStats, scatter_to_positions, target_token_stats, unpack_sequences
 
 PREFIX = "causal_lm."  # what the wrapper adds to the plain model's state-dict keys
@@ -49,8 +50,9 @@ class LeanCausalLM(nn.Module):
         Returns entropy, mean logit and top-1 hits too (the metrics), and log Σp² when asked (WPO).
 
         Padding-free rows (several sequences in one row, `position_ids` restarting at 0 and no attention mask):
-        transformers then masks attention block-diagonally (without a KV cache, hence `use_cache=False`), and a
-        token at position 0 is never a target (nothing of its own sequence precedes it). With `sequence_index`
+        transformers then masks attention block-diagonally (without a KV cache, hence `use_cache=False`); with
+        SDPA, engine/packed_attention.py runs it per sequence instead (no ΣT × ΣT mask). A token at position 0 is
+        never a target (nothing of its own sequence precedes it). With `sequence_index`
         (which sequence each token is in) the statistics come back one row per sequence
         (`losses.logps.unpack_sequences`), exactly as for the padded batch.
 
@@ -64,7 +66,11 @@ class LeanCausalLM(nn.Module):
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        hidden = self.causal_lm.get_decoder()(**kwargs).last_hidden_state[:, :-1]  # (B, T-1, H)
+        if position_ids is not None and attention_mask is None and input_ids.shape[0] == 1:  # a packed row
+            with packed_forward(self.causal_lm, position_ids) as packed:  # SDPA per sequence, not over the row
+                hidden = self.causal_lm.get_decoder()(**kwargs, **packed).last_hidden_state[:, :-1]  # (1, ΣT-1, H)
+        else:
+            hidden = self.causal_lm.get_decoder()(**kwargs).last_hidden_state[:, :-1]  # (B, T-1, H)
         targets = labels[:, 1:]  # (B, T-1): the token each position predicts
         mask = targets != IGNORE_INDEX  # (B, T-1)
         if position_ids is not None:

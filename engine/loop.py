@@ -36,7 +36,7 @@ from engine import hub, setup
 from engine.checkpoint import TrainingState
 from engine.config import TrainConfig, config_to_dict
 from engine.data_order import DataOrder, grouping
-from engine.data_order import epoch_order as epoch_order  # re-exported: tests and scripts/inspect_batch.py
+from engine.data_order import epoch_order as epoch_order  # re-exported for the tests
 from engine.data_order import micro_batches_of_epoch as micro_batches_of_epoch
 from engine.errors import UserError
 from engine.evaluation import evaluate

@@ -119,8 +119,8 @@ REFUSED: dict[str, TrlFlag] = {
     "eval_packing": TrlFlag(None, "evaluation packs exactly when training does (--packing)"),
     "shuffle_dataset": TrlFlag(False, "not supported; the sampler already shuffles every epoch (--seed)"),
     "model_init_kwargs": TrlFlag(None, "use --dtype, --attn_implementation and --trust_remote_code"),
-    "train_sampling_strategy": TrlFlag("random", "only random sampling; for length-grouped batches use "
-                                                 "--group_by_length"),
+    "train_sampling_strategy": TrlFlag("random", "random and group_by_length (= --group_by_length) only; "
+                                                 "sequential and batch_rebalance are not supported"),
     "trackio_space_id": TrlFlag(None, _TRACKIO_HUB),
     "trackio_bucket_id": TrlFlag(None, _TRACKIO_HUB),
     "trackio_static_space_id": TrlFlag(None, _TRACKIO_HUB),
@@ -163,6 +163,8 @@ def apply_trl_flags(values: dict[str, Any], warn=None) -> dict[str, Any]:
         elif name in INERT:
             if not is_default(INERT[name], value):
                 warn(f"--{name} {value} has no effect in nanopost: {INERT[name].why}")
+        elif name == "train_sampling_strategy" and str(value).strip().lower() == "group_by_length":
+            kept["group_by_length"] = True  # transformers 5's spelling of the old --group_by_length
         elif name in REFUSED:
             if not is_default(REFUSED[name], value):
                 raise UserError(f"--{name} {value}: not supported by nanopost: {REFUSED[name].why}")

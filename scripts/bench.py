@@ -3,6 +3,7 @@
     python scripts/bench.py --quick                                   # smoke shape, seconds
     python scripts/bench.py --shapes llama-7m llama-128k --jobs sft dpo --dtypes fp32 bf16
     python scripts/bench.py --shapes llama-7m --jobs dpo --profile --write-readme
+    python scripts/bench.py --shapes llama-7m --jobs sft sft-padding-free dpo dpo-padding-free --dtypes fp32
 
 Same random-init model (built from a config, saved once), same generated data, batch shape, precision and
 machine for both; runs ALTERNATE (ours, TRL, ours, TRL, ...) and each runs in its own process
@@ -11,6 +12,8 @@ seed 42, gradient checkpointing off. Per job it prints: median step time after t
 tokens/s (non-padding tokens over the timed steps; start-up excluded), peak memory (RSS on CPU,
 torch.cuda.max_memory_allocated on GPU), padding share of the model's input, and MFU: matmul FLOPs per trained
 token (scripts/bench/workload.py: flops_per_token) x tokens/s over the fp32 / bf16 GEMM peak measured at start.
+Jobs `sft-padding-free` / `dpo-padding-free` run the same job with --padding_free (each micro-batch one row,
+no padding); next to the padded job they show the padding share before and after and what it costs or saves.
 
 Results (results.json, table.md, and with --profile one torch.profiler op table per run) go to --out.
 """
@@ -150,7 +153,7 @@ def benchmark(args: argparse.Namespace, peaks: dict[str, float], work: Path, gem
                         profile = args.profile and repeat == 0
                         spec = {"impl": impl, "job": job, "shape": shape_name, "dtype": dtype, "steps": args.steps,
                                 "warmup": args.warmup, "model_dir": str(model_dir),
-                                "data_file": str(data["sft" if job == "sft" else "dpo"]),
+                                "data_file": str(data["sft" if job.startswith("sft") else "dpo"]),
                                 "batch_size": shape.batch_size, "max_length": shape.max_length,
                                 "work_dir": str(work / f"{tag}-{repeat}"), "result": str(work / f"{tag}-{repeat}.json"),
                                 "profile": str(args.out / "profiles" / f"{tag}.txt") if profile else None,

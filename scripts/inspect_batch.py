@@ -73,7 +73,8 @@ def inspect_batch(config, batch_index: int = 0) -> BatchView:
     import torch
     from accelerate.utils import set_seed
 
-    from engine.loop import epoch_order, make_method, micro_batches_of_epoch
+    from engine.data_order import DataOrder, grouping
+    from engine.loop import make_method, micro_batches_of_epoch
     from engine.setup import build_accelerator, load_datasets, load_model_and_tokenizer
 
     notes = []
@@ -82,6 +83,10 @@ def inspect_batch(config, batch_index: int = 0) -> BatchView:
         # numbers up to padding).
         config = dataclasses.replace(config, precompute_ref_log_probs=False)
         notes.append("reference log-probs computed for this batch only (--precompute_ref_log_probs ignored)")
+    if config.padding_free:
+        # Same tokens, same numbers; shown one row per sequence, as the padded layout has them.
+        config = dataclasses.replace(config, padding_free=False)
+        notes.append("shown padded, one row per sequence (--padding_free packs them into one row: same numbers)")
     accelerator = build_accelerator(config)
     set_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, accelerator)
@@ -91,8 +96,10 @@ def inspect_batch(config, batch_index: int = 0) -> BatchView:
     examples, report = method.prepare(train_raw, split_name=config.dataset_train_split)
     if getattr(report, "summary", None):
         notes.append(report.summary())
-    batches = micro_batches_of_epoch(epoch_order(len(examples), config.seed, 0),
-                                     config.per_device_train_batch_size, 1, 0)
+    data_seed = config.seed if config.data_seed is None else config.data_seed
+    order = DataOrder(len(examples), config.per_device_train_batch_size, data_seed, 1, 0, False,
+                      *grouping(config, examples))  # as the training loop orders them (--group_by_length too)
+    batches = micro_batches_of_epoch(order.epoch_order(0), config.per_device_train_batch_size, 1, 0)
     if not 0 <= batch_index < len(batches):
         raise UserError(f"--batch_index {batch_index}: the first epoch has {len(batches)} micro-batches "
                         f"(0 to {len(batches) - 1})")

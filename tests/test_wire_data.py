@@ -221,13 +221,14 @@ def _tiny_causal_lm(arch: str, attn: str):
 
 @pytest.mark.parametrize("arch", ["llama", "smollm3"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_transformers_keeps_packed_sequences_apart(arch, attn):
+def test_transformers_keeps_packed_sequences_apart(arch, attn, tmp_path):
     """transformers 5.24 (masking_utils.find_packed_sequence_indices): one row of several sequences with
     position_ids restarting at 0 and NO attention mask gets a block-diagonal causal mask, so each sequence's logits
     equal its own padded row's to fp32 rounding (observed <= 2.4e-7 on logits of ~1). Only without a KV cache: a
     forward with transformers' default use_cache=True skips the detection and attends across sequences, which is
     why LeanCausalLM always passes use_cache=False. Without position_ids the packed row is one long sequence (the
-    comparison then fails by ~0.5: the check can tell)."""
+    comparison then fails by ~0.5: the check can tell). LeanCausalLM's per-token log-probs of the packed row (SDPA
+    run per sequence by engine/packed_attention.py; eager through transformers' mask) equal the padded rows'."""
     from engine.forward import LeanCausalLM
 
     model = _tiny_causal_lm(arch, attn)
@@ -255,6 +256,13 @@ def test_transformers_keeps_packed_sequences_apart(arch, attn):
         torch.testing.assert_close(packed_stats.logps[0, starts[row] : starts[row] + n - 1],
                                    padded_stats.logps[row, : n - 1], rtol=0, atol=1e-5)
     assert packed_stats.mask.sum() == padded_stats.mask.sum() == sum(lengths) - len(lengths)
+    # LeanCausalLM's packed forward switched an SDPA model to per-sequence SDPA (engine/packed_attention.py); its
+    # other forwards stay SDPA bit for bit, and the switch is not saved with the model.
+    assert model.config._attn_implementation == {"sdpa": "nanopost_sdpa", "eager": "eager"}[attn]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, padded)
+    model.save_pretrained(tmp_path)
+    assert "nanopost" not in (tmp_path / "config.json").read_text()
 
 
 def test_sft_padding_free_matches_trl_padding_free(tmp_path, tokenizer, tokenizer_dir, collated):
@@ -340,3 +348,61 @@ def test_padding_free_equals_the_padded_run(assets, collated, method):
         for key, value in padded.items():
             if isinstance(value, float) and key not in ("learning_rate", "epoch"):
                 assert with_pf[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (padded.get("step"), key)
+
+
+def test_dpo_padding_free_batch_layout_with_pad_to_multiple_of():
+    """collate_dpo(padding_free=True): the 2B truncated sequences end to end, positions restarting at 0, each
+    token's sequence index, the completion tokens where the padded batch has them; with pad_to_multiple_of 8 the
+    row ends in padding that belongs to no sequence (index -1) and carries no completion token."""
+    from data.collate_dpo import collate_dpo, completion_lengths, num_real_tokens
+
+    examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8, 9]},
+                {"prompt_ids": [10], "chosen_ids": [11, 12, 13, 14, 15], "rejected_ids": [16]}]
+    padded = collate_dpo(examples, 0, max_length=6)
+    packed = collate_dpo(examples, 0, max_length=6, pad_to_multiple_of=8, padding_free=True)
+    # [chosen; rejected]: [1 2 3 4 5] [10 11 12 13 14 15] [1 2 3 6 7 8] (cut to 6) [10 16]: 19 tokens, padded to 24
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 1, 2, 3, 6, 7, 8, 10, 16,
+                                             0, 0, 0, 0, 0]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 0, 1,
+                                                0, 0, 0, 0, 0]]
+    assert packed["sequence_index"].tolist() == [[0] * 5 + [1] * 6 + [2] * 6 + [3] * 2 + [-1] * 5]
+    assert packed["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1,
+                                                   0, 0, 0, 0, 0]]
+    assert "attention_mask" not in packed
+    assert completion_lengths(packed).tolist() == completion_lengths(padded).tolist() == [2, 5, 3, 1]
+    assert int(num_real_tokens(packed)) == int(num_real_tokens(padded)) == 19
+
+
+def test_inspect_batch_shows_the_grouped_padding_free_batch(assets, capsys):
+    """scripts/inspect_batch.py takes the same flags: with --group_by_length it shows the batch the loop trains on
+    (the length-grouped order's first micro-batch), and with --padding_free the same tokens one row per sequence."""
+    from engine.data_order import DataOrder
+    from tests.script_modules import load_script
+
+    inspect_batch = load_script("inspect_batch")
+    argv = ["--method", "dpo", "--model_name_or_path", str(assets / "model"), "--dataset_name",
+            str(assets / "pairs"), "--per_device_train_batch_size", "2", "--bf16", "False", "--max_sequences", "1"]
+    assert inspect_batch.main([*argv, "--group_by_length", "--padding_free"]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (assets / "pairs" / "train.jsonl").read_text().splitlines()]
+    from transformers import AutoTokenizer
+
+    from data.common import padded_length
+    from data.dpo import prepare_dpo_dataset
+
+    examples, _ = prepare_dpo_dataset(rows, AutoTokenizer.from_pretrained(assets / "model"), max_length=1024)
+    lengths = tuple(padded_length(e) for e in examples)
+    first = DataOrder(len(examples), 2, 42, lengths=lengths, group_batch_size=2).epoch_order(0)[:2]
+    assert out.startswith(f"method dpo, micro-batch 0 of epoch 0, examples {first}")
+    assert "--padding_free packs them into one row: same numbers" in out
+
+
+def test_train_sampling_strategy_group_by_length_is_group_by_length():
+    """transformers 5 (TRL 1.16's TrainingArguments) spells it --train_sampling_strategy group_by_length."""
+    from engine.config import parse_config
+    from engine.errors import UserError
+
+    assert parse_config(["--train_sampling_strategy", "group_by_length"]).group_by_length is True
+    assert parse_config(["--train_sampling_strategy", "random"]).group_by_length is False
+    with pytest.raises(UserError, match="--train_sampling_strategy sequential: not supported"):
+        parse_config(["--train_sampling_strategy", "sequential"])

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # this worktree's engine/, not an installed copy
 
 import torch  # noqa: E402
-from workload import LORA, TOKENIZER_DIR, gemm_peaks  # noqa: E402
+from workload import LORA, PADDING_FREE, TOKENIZER_DIR, gemm_peaks  # noqa: E402
 
 COMMON = dict(learning_rate=1e-6, seed=42, gradient_checkpointing=False)
 
@@ -78,7 +78,7 @@ def run_ours(spec: dict, probe: Probe) -> list[dict]:
     from engine.config import parse_config
     from engine.loop import train
 
-    method = "sft" if spec["job"] == "sft" else "dpo"
+    method = "sft" if spec["job"].startswith("sft") else "dpo"
     argv = ["--method", method, "--model_name_or_path", spec["model_dir"],
             "--tokenizer_name_or_path", str(TOKENIZER_DIR), "--dataset_name", spec["data_file"],
             "--output_dir", str(Path(spec["work_dir"]) / "ours"),
@@ -89,6 +89,8 @@ def run_ours(spec: dict, probe: Probe) -> list[dict]:
             "--logging_steps", "1", "--save_steps", "0", "--eval_steps", "0", "--disable_tqdm", "--report_to", "none"]
     if spec["job"] == "dpo-precompute":
         argv += ["--precompute_ref_log_probs"]
+    if spec["job"].endswith(PADDING_FREE):
+        argv += ["--padding_free"]
     if spec["job"] == "lora-dpo":
         argv += ["--use_peft", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["alpha"]),
                  "--lora_dropout", str(LORA["dropout"])]
@@ -116,7 +118,11 @@ def run_trl(spec: dict, probe: Probe) -> list[dict]:
                   bf16=spec["dtype"] == "bf16", per_device_train_batch_size=spec["batch_size"],
                   max_length=spec["max_length"], max_steps=total_steps(spec), logging_steps=1, save_strategy="no",
                   report_to=[], disable_tqdm=True, dataloader_num_workers=0, **COMMON)
-    if spec["job"] == "sft":
+    if spec["job"].endswith(PADDING_FREE):
+        # TRL 1.16: SFT padding_free needs max_length=None without packing (the generated rows fit max_length up
+        # to their EOS); DPO ignores padding_free (it warns and pads), so TRL's DPO row is its padded run.
+        kwargs.update(padding_free=True, max_length=None if spec["job"].startswith("sft") else kwargs["max_length"])
+    if spec["job"].startswith("sft"):
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model=spec["model_dir"], args=SFTConfig(**kwargs), train_dataset=dataset,

@@ -18,7 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = REPO / "data" / "assets" / "tokenizer"
 
 # Jobs as (method, extra engine flags). The same options are given to TRL by worker.py.
-JOBS = ("sft", "dpo", "dpo-precompute", "lora-dpo")
+JOBS = ("sft", "dpo", "dpo-precompute", "lora-dpo", "sft-padding-free", "dpo-padding-free")
+PADDING_FREE = "-padding-free"  # a job with this suffix: the base job with --padding_free (one row per batch)
+
+
+def base_job(job: str) -> str:
+    """The job without its padding-free suffix: what it computes (its FLOPs, its data)."""
+    return job.removesuffix(PADDING_FREE)
 DTYPES = ("fp32", "bf16")
 LORA = dict(r=16, alpha=32, dropout=0.05)  # both engines' defaults (--lora_r/--lora_alpha/--lora_dropout)
 
@@ -103,12 +109,13 @@ def flops_per_token(job: str, n: int, n_lora: int) -> int:
         dpo-precompute   6N                    reference log-probs computed before training (start-up)
         lora-dpo         4N + 6N_lora + 2N     frozen base: forward + input grads only (no weight grads);
                                                adapters: full 6 N_lora; reference = adapters off, forward 2N
+        *-padding-free   as the base job       the same tokens, packed into one row per micro-batch
     Tokens are the non-padding tokens of the batch (a DPO pair's chosen and rejected rows both count), and every
     one is charged the full model, LM head included: the work the model defines, not the work an implementation
     chooses to do. An engine that skips the head on prompt positions (which carry no target) therefore shows a
     higher MFU for the same matmul speed; 1 / MFU is the step time over its matmul-FLOP bound.
     """
-    return {"sft": 6 * n, "dpo": 8 * n, "dpo-precompute": 6 * n, "lora-dpo": 6 * n + 6 * n_lora}[job]
+    return {"sft": 6 * n, "dpo": 8 * n, "dpo-precompute": 6 * n, "lora-dpo": 6 * n + 6 * n_lora}[base_job(job)]
 
 
 def _digits(rng: random.Random, count: int) -> str:
