@@ -416,3 +416,18 @@ def test_train_sampling_strategy_group_by_length_is_group_by_length():
     assert parse_config(["--train_sampling_strategy", "random"]).group_by_length is False
     with pytest.raises(UserError, match="--train_sampling_strategy sequential: not supported"):
         parse_config(["--train_sampling_strategy", "sequential"])
+
+
+def test_bench_padding_free_jobs_count_the_base_jobs_flops():
+    """scripts/bench.py's `sft-padding-free` / `dpo-padding-free` train the same tokens as `sft` / `dpo` (packed),
+    so MFU charges them the same FLOPs per token; `python scripts/bench.py --jobs sft sft-padding-free ...` prints
+    both rows, padding share before and after."""
+    from tests.script_modules import load_script
+
+    bench = load_script("bench")
+    workload = __import__("sys").modules["workload"]
+    assert {"sft-padding-free", "dpo-padding-free"} <= set(workload.JOBS)
+    assert workload.flops_per_token("sft-padding-free", 1000, 10) == workload.flops_per_token("sft", 1000, 10)
+    assert workload.flops_per_token("dpo-padding-free", 1000, 10) == 8000
+    assert bench.parse_args(["--jobs", "sft-padding-free", "dpo-padding-free"]).jobs == ["sft-padding-free",
+                                                                                        "dpo-padding-free"]
