@@ -40,6 +40,7 @@ def _attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, att
     bounds = kwargs.pop(BOUNDS, None)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)  # each slice is one causal sequence
     outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
                                       None, is_causal=True, **kwargs)[0] for start, end in bounds]
     return torch.cat(outputs, dim=1), None
