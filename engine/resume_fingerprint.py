@@ -1,8 +1,8 @@
 """What makes a resume exact, recorded in each checkpoint and compared when resuming.
 
 A resumed run replays exactly the micro-batches an uninterrupted one would see only if the prepared training set,
-the batch layout (per-device batch size, accumulation, number of processes), the sequence length and the seed are
-the same. `ResumeFingerprint.of_run` records them; `differences` says in words what changed; `check_resume`
+the batch layout (per-device batch size, accumulation, number of processes), the sequence length, the seed and the
+data order's settings (--data_seed, --group_by_length) are the same. `ResumeFingerprint.of_run` records them; `differences` says in words what changed; `check_resume`
 refuses unless the user passed `--ignore_resume_mismatch`, and then returns the warning the run prints.
 """
 
@@ -41,13 +41,17 @@ class ResumeFingerprint:
     num_processes: int
     max_length: int | None
     seed: int
+    # The data order's own settings (engine/data_order.py); defaults for checkpoints written before they were kept.
+    data_seed: int | None = None
+    group_by_length: bool = False
 
     @classmethod
     def of_run(cls, examples: list[Mapping[str, Any]], config: Any, num_processes: int) -> ResumeFingerprint:
         return cls(training_data=fingerprint_examples(examples), num_examples=len(examples),
                    per_device_train_batch_size=config.per_device_train_batch_size,
                    gradient_accumulation_steps=config.gradient_accumulation_steps,
-                   num_processes=num_processes, max_length=config.max_length, seed=config.seed)
+                   num_processes=num_processes, max_length=config.max_length, seed=config.seed,
+                   data_seed=config.data_seed, group_by_length=config.group_by_length)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,6 +71,8 @@ _WORDS = {
     "num_processes": "the number of processes",
     "max_length": "--max_length",
     "seed": "--seed",
+    "data_seed": "--data_seed",
+    "group_by_length": "--group_by_length",
 }
 
 

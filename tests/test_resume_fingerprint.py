@@ -14,7 +14,8 @@ from engine.resume_fingerprint import ResumeFingerprint, check_resume, differenc
 
 EXAMPLES = [{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1], "index": 0},
             {"input_ids": [4, 5], "completion_mask": [0, 1], "index": 1}]
-CONFIG = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_length=1024, seed=42)
+CONFIG = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_length=1024, seed=42,
+                         data_seed=None, group_by_length=False)
 CHECKPOINT = Path("out/checkpoint-10")
 
 
@@ -64,3 +65,17 @@ def test_a_checkpoint_without_fingerprint_cannot_be_checked_and_says_so():
     assert check_resume(CHECKPOINT, None, _fingerprint(), ignore_mismatch=False) == (
         "out/checkpoint-10 records no resume fingerprint (written by an older nanopost): cannot check that this "
         "resume is exact")
+
+
+def test_a_changed_data_order_is_refused():
+    """--data_seed and --group_by_length decide the order of the micro-batches (engine/data_order.py), so a resume
+    that changes either replays other batches than the uninterrupted run: both are named."""
+    assert differences(_fingerprint(), _fingerprint(data_seed=7, group_by_length=True)) == [
+        "--data_seed was None, now 7", "--group_by_length was False, now True"]
+
+
+def test_a_checkpoint_from_before_the_order_settings_were_kept_reads_as_their_defaults():
+    """A fingerprint saved without data_seed / group_by_length (older checkpoints) reads as None / False: what
+    those runs used, since the flags did not change the order then."""
+    saved = {k: v for k, v in _fingerprint().to_dict().items() if k not in ("data_seed", "group_by_length")}
+    assert ResumeFingerprint.from_dict(saved) == _fingerprint()
