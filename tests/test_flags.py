@@ -96,10 +96,15 @@ def test_inert_flag_warns_refused_flag_errors_renamed_flag_maps(capsys):
     assert "--torch_dtype is TRL's old name for --dtype" in capsys.readouterr().err
 
 
-def test_flag_awaiting_the_loop_warns(capsys):
-    """Accepted and validated but not applied yet: the warning says so (no flag silently ignored)."""
+def test_flag_awaiting_the_loop_warns(capsys, monkeypatch):
+    """Accepted and validated but not applied yet: the warning says so (no flag silently ignored). Shown with
+    --neftune_noise_alpha put back on the list (the loop applies it now, so without the entry it does not warn)."""
+    monkeypatch.setitem(AWAITING_LOOP, "neftune_noise_alpha", "a test entry")
     parse_config(["--neftune_noise_alpha", "5"])
     assert "--neftune_noise_alpha 5.0 is validated but the training loop does not apply it yet" in capsys.readouterr().err
+    monkeypatch.undo()
+    parse_config(["--neftune_noise_alpha", "5"])
+    assert "validated but" not in capsys.readouterr().err
 
 
 def test_course_notebook_dpo_config_as_yaml(tmp_path):
