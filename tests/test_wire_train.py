@@ -189,7 +189,8 @@ def test_dtype_bfloat16_trains_and_saves_bf16_weights(assets, tokenizer, tokeniz
     """--dtype bfloat16 loads the weights in bf16 and trains them as they are, as TRL does (`trl sft --dtype
     bfloat16` sets model_init_kwargs dtype; no fp32 master copy, AdamW's state follows the weights' dtype): the
     three steps equal TRL's within 1e-5 (measured: losses and grad norms equal, one loss 7e-8 apart), the loss
-    falls, and the saved model is bf16 with config.json saying so. The default (float32, TRL's) is unchanged."""
+    falls, and the saved model is bf16 with config.json saying so. The default (float32, TRL's) is unchanged;
+    --dtype auto keeps a checkpoint's own dtype."""
     from safetensors.torch import load_file
 
     from engine import update
@@ -211,6 +212,10 @@ def test_dtype_bfloat16_trains_and_saves_bf16_weights(assets, tokenizer, tokeniz
     assert {t.dtype for t in load_file(str(root / "dtype-bf16" / "model.safetensors")).values()} == {torch.bfloat16}
     ours(assets, tokenizer_dir, "dtype-default", "--max_steps", "1")
     assert seen[1] == {torch.float32}
+    # --dtype auto: the checkpoint's own dtype, here the bf16 model just saved
+    ours(assets, tokenizer_dir, "dtype-auto", "--model_name_or_path", str(root / "dtype-bf16"), "--dtype", "auto",
+         "--max_steps", "1")
+    assert seen[2] == {torch.bfloat16}
 
 
 def test_dtype_applies_to_the_built_in_model(tmp_path):
