@@ -287,3 +287,20 @@ def test_torch_compile_fails_fast(assets, tokenizer_dir, monkeypatch, capsys):
                             "is an inductor option")]:
         assert cli.main(flags(assets, tokenizer_dir, "bad-compile", *extra)) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_neftune_leaves_evaluation_clean(assets, tokenizer_dir):
+    """Evaluation runs in eval mode, where the hook adds nothing: --eval_on_start (the same starting weights) gives
+    the same eval_loss with and without --neftune_noise_alpha, to the last bit."""
+    split = assets[0] / "split"
+    split.mkdir(exist_ok=True)
+    rows = text_rows()
+    for name, part in (("train", rows[:6]), ("test", rows[6:])):
+        (split / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    eval_losses = []
+    for out, extra in (("eval-noisy", ["--neftune_noise_alpha", "5"]), ("eval-clean", [])):
+        assert cli.main(flags(assets, tokenizer_dir, out, "--dataset_name", str(split), "--eval_on_start",
+                              "--eval_strategy", "steps", "--eval_steps", "100", "--max_steps", "1", *extra)) == 0
+        records = [json.loads(line) for line in (assets[0] / out / "metrics.jsonl").read_text().splitlines()]
+        eval_losses.append(next(r["eval_loss"] for r in records if r["step"] == 0 and "eval_loss" in r))
+    assert eval_losses[0] == eval_losses[1]
