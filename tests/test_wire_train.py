@@ -189,7 +189,8 @@ def test_dtype_bfloat16_trains_and_saves_bf16_weights(assets, tokenizer, tokeniz
     """--dtype bfloat16 loads the weights in bf16 and trains them as they are, as TRL does (`trl sft --dtype
     bfloat16` sets model_init_kwargs dtype; no fp32 master copy, AdamW's state follows the weights' dtype): the
     three steps equal TRL's within 1e-5 (measured: losses and grad norms equal, one loss 7e-8 apart), the loss
-    falls, and the saved model is bf16 with config.json saying so. The default (float32, TRL's) is unchanged."""
+    falls, and the saved model is bf16 with config.json saying so. The default (float32, TRL's) is unchanged;
+    --dtype auto keeps a checkpoint's own dtype."""
     from safetensors.torch import load_file
 
     from engine import update
@@ -211,6 +212,10 @@ def test_dtype_bfloat16_trains_and_saves_bf16_weights(assets, tokenizer, tokeniz
     assert {t.dtype for t in load_file(str(root / "dtype-bf16" / "model.safetensors")).values()} == {torch.bfloat16}
     ours(assets, tokenizer_dir, "dtype-default", "--max_steps", "1")
     assert seen[1] == {torch.float32}
+    # --dtype auto: the checkpoint's own dtype, here the bf16 model just saved
+    ours(assets, tokenizer_dir, "dtype-auto", "--model_name_or_path", str(root / "dtype-bf16"), "--dtype", "auto",
+         "--max_steps", "1")
+    assert seen[2] == {torch.bfloat16}
 
 
 def test_dtype_applies_to_the_built_in_model(tmp_path):
@@ -282,3 +287,20 @@ def test_torch_compile_fails_fast(assets, tokenizer_dir, monkeypatch, capsys):
                             "is an inductor option")]:
         assert cli.main(flags(assets, tokenizer_dir, "bad-compile", *extra)) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_neftune_leaves_evaluation_clean(assets, tokenizer_dir):
+    """Evaluation runs in eval mode, where the hook adds nothing: --eval_on_start (the same starting weights) gives
+    the same eval_loss with and without --neftune_noise_alpha, to the last bit."""
+    split = assets[0] / "split"
+    split.mkdir(exist_ok=True)
+    rows = text_rows()
+    for name, part in (("train", rows[:6]), ("test", rows[6:])):
+        (split / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    eval_losses = []
+    for out, extra in (("eval-noisy", ["--neftune_noise_alpha", "5"]), ("eval-clean", [])):
+        assert cli.main(flags(assets, tokenizer_dir, out, "--dataset_name", str(split), "--eval_on_start",
+                              "--eval_strategy", "steps", "--eval_steps", "100", "--max_steps", "1", *extra)) == 0
+        records = [json.loads(line) for line in (assets[0] / out / "metrics.jsonl").read_text().splitlines()]
+        eval_losses.append(next(r["eval_loss"] for r in records if r["step"] == 0 and "eval_loss" in r))
+    assert eval_losses[0] == eval_losses[1]
