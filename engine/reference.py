@@ -139,10 +139,11 @@ def build_reference(config, policy: LeanCausalLM, score: SequenceScorer, acceler
                     train_examples, eval_examples) -> Reference:
     """The run's reference, built before step 1 while `policy` still holds the starting weights."""
     if config.ref_model_name_or_path is not None:
-        from engine.model import load_model
+        from engine.model import load_model, torch_dtype
 
+        # In --dtype, as TRL loads a named reference with the policy's model_init_kwargs.
         model = load_model(config.ref_model_name_or_path, revision=config.model_revision,
-                           trust_remote_code=config.trust_remote_code,
+                           trust_remote_code=config.trust_remote_code, dtype=torch_dtype(config.dtype),
                            attn_implementation=config.attn_implementation, what="--ref_model_name_or_path")
         reference: Reference = FrozenModel(model, score, accelerator.device)
     elif config.use_peft:

@@ -230,6 +230,22 @@ def test_dtype_applies_to_the_built_in_model(tmp_path):
     assert json.loads((tmp_path / "builtin" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), (None, torch.float32)])
+def test_dtype_applies_to_a_named_reference_model(assets, dtype, expected):
+    """--ref_model_name_or_path is loaded in --dtype too (TRL builds a named reference with the policy's
+    model_init_kwargs); without --dtype, fp32 as the policy. The fp32 checkpoint on disk makes a missed dtype show."""
+    from types import SimpleNamespace
+
+    from engine.reference import FrozenModel, build_reference
+
+    config = SimpleNamespace(ref_model_name_or_path=str(assets[1]), model_revision="main", trust_remote_code=False,
+                             attn_implementation=None, dtype=dtype, sync_ref_model=False,
+                             precompute_ref_log_probs=False, use_peft=False)
+    reference = build_reference(config, None, None, SimpleNamespace(device=torch.device("cpu")), None, [], None)
+    assert isinstance(reference, FrozenModel)
+    assert {p.dtype for p in reference.model.parameters()} == {expected}
+
+
 # ---------------------------------------------------------------------- --neftune_noise_alpha
 
 def test_neftune_matches_trl(assets, tokenizer, tokenizer_dir):
