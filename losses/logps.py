@@ -4,7 +4,8 @@ The ONE place log p(label) is computed, for the engine and for the library alike
 - `target_token_stats(rows, targets, project)` scores N target positions: `project` turns a chunk of rows
   into logits (the engine passes decoder hidden states and its lean LM head, engine/forward.py, so the full
   (B, T, V) logits never exist); each chunk runs under activation checkpointing, so its logits and fp32
-  upcast are freed after the forward and recomputed in the backward.
+  upcast are freed after the forward and recomputed in the backward (the projection and log p only: the
+  metrics and the log-sum-exp are computed once, in the forward).
 - `token_stats(logits, labels)` is the same computation for logits already at hand (tests, notebooks).
 
 Alignment convention (used everywhere in `losses/`): `labels[b, t]` is the token that position `t` of
@@ -81,26 +82,59 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
+class _LogSumExp(torch.autograd.Function):
+    """logsumexp(z, -1), or `known` (the value this chunk's forward computed), with torch's own gradient.
+
+    Under activation checkpointing the backward re-runs the chunk to get z back; passing the forward's
+    log-sum-exp as `known` spares that recomputation its max / exp / sum passes over the (k, V) logits. The
+    backward is `logsumexp_backward`'s formula in its order (grad · exp(z − lse)), so the gradient is the same
+    to the bit.
+
+    Shape:
+        z: (k, V); known: (k,) or None; output: (k,)
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+        lse = torch.logsumexp(z, dim=-1) if known is None else known.clone()
+        ctx.save_for_backward(z, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, lse = ctx.saved_tensors
+        return grad.unsqueeze(-1) * (z - lse.unsqueeze(-1)).exp(), None
+
+
 def _chunk_stats(rows: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None,
-                 wanted: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """log p(target) of k rows (differentiable) and the `wanted` detached statistics, each (k,)."""
+                 wanted: tuple[str, ...], memo: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(target) of k rows (differentiable), (k,). The first call (`memo` empty) stores in `memo` the chunk's
+    log-sum-exp ("lse") and the `wanted` detached statistics (each (k,), by name).
+
+    Under activation checkpointing the backward calls this again with the same, now filled, `memo`: the
+    recomputation then does only what the gradient needs (the projection, the gather and the saved tensors),
+    no log-sum-exp and no metric pass over the (k, V) logits.
+    """
+    recompute = "lse" in memo
     logits = rows if project is None else project(rows)  # (k, V) in the compute dtype
     z = logits.to(_compute_dtype(logits.dtype))  # (k, V): upcast, this chunk only
-    lse = torch.logsumexp(z, dim=-1)  # (k,)
+    lse = _LogSumExp.apply(z, memo.get("lse"))  # (k,)
     logps = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse  # (k,); d/dz_v = 1[v = y] − p_v
-    extras = []
+    if recompute:
+        return logps
+    memo["lse"] = lse.detach()
     with torch.no_grad():
         if "entropy" in wanted or "log_sum_sq_probs" in wanted:
             log_p = z - lse.unsqueeze(1)  # (k, V)
         if "entropy" in wanted:
-            extras.append(lse - (log_p.exp() * z).sum(-1))
+            memo["entropy"] = lse - (log_p.exp() * z).sum(-1)
         if "log_sum_sq_probs" in wanted:
-            extras.append(torch.logsumexp(2 * log_p, dim=-1))
+            memo["log_sum_sq_probs"] = torch.logsumexp(2 * log_p, dim=-1)
         if "mean_logits" in wanted:
-            extras.append(z.mean(-1))
+            memo["mean_logits"] = z.mean(-1)
         if "is_top1" in wanted:
-            extras.append(z.argmax(-1) == targets)
-    return (logps, *extras)
+            memo["is_top1"] = z.argmax(-1) == targets
+    return logps
 
 
 def target_token_stats(
@@ -137,10 +171,12 @@ def target_token_stats(
     size = chunk_rows or ROWS_PER_CHUNK
     outputs = []
     for chunk, chunk_targets in zip(rows.split(size), targets.split(size), strict=True):
+        memo: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
-            outputs.append(checkpoint(_chunk_stats, chunk, chunk_targets, project, wanted, use_reentrant=False))
+            logps = checkpoint(_chunk_stats, chunk, chunk_targets, project, wanted, memo, use_reentrant=False)
         else:
-            outputs.append(_chunk_stats(chunk, chunk_targets, project, wanted))
+            logps = _chunk_stats(chunk, chunk_targets, project, wanted, memo)
+        outputs.append((logps, *(memo[name] for name in wanted)))
     if not outputs:  # no target at all: keep the graph connected so backward still works
         empty = torch.zeros(0, device=rows.device, dtype=_compute_dtype(rows.dtype))
         values = {"logps": empty + rows.sum() * 0.0}
