@@ -82,28 +82,34 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-class _LogSumExp(torch.autograd.Function):
-    """logsumexp(z, -1), or `known` (the value this chunk's forward computed), with torch's own gradient.
+class _TargetLogProb(torch.autograd.Function):
+    """log p(target) = z_target − logsumexp(z) per row, and the log-sum-exp (reused as `known` when given).
 
-    Under activation checkpointing the backward re-runs the chunk to get z back; passing the forward's
-    log-sum-exp as `known` spares that recomputation its max / exp / sum passes over the (k, V) logits. The
-    backward is `logsumexp_backward`'s formula in its order (grad · exp(z − lse)), so the gradient is the same
-    to the bit.
+    The forward's log-sum-exp is passed back as `known` when activation checkpointing re-runs the chunk for
+    the backward, which spares that recomputation its max / exp / sum passes over the (k, V) logits. The
+    backward writes the softmax gradient once and adds the target's share in place:
+        dz = −g · exp(z − lse)  (torch's `logsumexp_backward`, same operations in the same order),
+        dz[target] += g        (what gather's backward adds, without its (k, V) zeros and the extra add),
+    so the gradient is torch autograd's to the bit (tests/test_head_work.py).
 
     Shape:
-        z: (k, V); known: (k,) or None; output: (k,)
+        z: (k, V); targets: (k,) in [0, V); known: (k,) or None; outputs: log p (k,), lse (k,) (no gradient)
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None):
         lse = torch.logsumexp(z, dim=-1) if known is None else known.clone()
-        ctx.save_for_backward(z, lse)
-        return lse
+        logps = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+        ctx.save_for_backward(z, targets, lse)
+        ctx.mark_non_differentiable(lse)
+        return logps, lse
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        z, lse = ctx.saved_tensors
-        return grad.unsqueeze(-1) * (z - lse.unsqueeze(-1)).exp(), None
+    def backward(ctx, grad: torch.Tensor, _lse_grad: torch.Tensor | None):
+        z, targets, lse = ctx.saved_tensors
+        grad_z = (-grad).unsqueeze(-1) * (z - lse.unsqueeze(-1)).exp()  # (k, V)
+        grad_z.scatter_add_(1, targets.unsqueeze(1), grad.unsqueeze(1))
+        return grad_z, None, None
 
 
 def _chunk_stats(rows: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -112,14 +118,13 @@ def _chunk_stats(rows: torch.Tensor, targets: torch.Tensor, project: Callable[[t
     log-sum-exp ("lse") and the `wanted` detached statistics (each (k,), by name).
 
     Under activation checkpointing the backward calls this again with the same, now filled, `memo`: the
-    recomputation then does only what the gradient needs (the projection, the gather and the saved tensors),
-    no log-sum-exp and no metric pass over the (k, V) logits.
+    recomputation then does only what the gradient needs (the projection back to the logits), no log-sum-exp
+    and no metric pass over the (k, V) logits.
     """
     recompute = "lse" in memo
     logits = rows if project is None else project(rows)  # (k, V) in the compute dtype
     z = logits.to(_compute_dtype(logits.dtype))  # (k, V): upcast, this chunk only
-    lse = _LogSumExp.apply(z, memo.get("lse"))  # (k,)
-    logps = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse  # (k,); d/dz_v = 1[v = y] − p_v
+    logps, lse = _TargetLogProb.apply(z, targets, memo.get("lse"))  # (k,), (k,); d/dz_v = 1[v = y] − p_v
     if recompute:
         return logps
     memo["lse"] = lse.detach()

@@ -78,6 +78,7 @@ def test_checkpointed_chunk_backward_recomputes_only_the_gradient_path():
     for op in METRIC_OPS:
         assert backward_ops.counts.get(op, 0) == 0, (op, backward_ops.counts)
     assert backward_ops.counts["mm"] == 3 * 3  # per chunk: the logits again, then grad of rows and of the weight
+    assert backward_ops.counts.get("new_zeros", 0) == 0  # the target's gradient is added in place, no (k, V) zeros
 
     chunked_grads = (rows.grad.clone(), weight.grad.clone())
     rows.grad = weight.grad = None
