@@ -111,11 +111,15 @@ class DPOMethod(Method):
 
     # ------------------------------------------------------------------ loss
     def sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Per-row summed completion log-probs (2B,) [chosen; rejected], LD-DPO-weighted with --ld_alpha."""
-        return self.score(model, batch)[0]
+        """Per-row summed completion log-probs (2B,) [chosen; rejected], LD-DPO-weighted with --ld_alpha.
 
-    def score(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, TokenStats]:
-        """Per-row summed completion log-probs (2B,) and the per-token statistics (each (2B, T-1)) of one forward."""
+        What the reference is scored with: log-probs only, none of the policy's metrics (entropy, mean logit,
+        top-1), which would cost a pass over every (k, V) logit chunk each and are never read."""
+        return self.score(model, batch, metrics=False)[0]
+
+    def score(self, model: nn.Module, batch: dict[str, Tensor], metrics: bool = True) -> tuple[Tensor, TokenStats]:
+        """Per-row summed completion log-probs (2B,) and the per-token statistics (each (2B, T-1)) of one forward;
+        `metrics=False` (the reference): log-probs only, no metrics and no WPO log Σp²."""
         from losses import sequence_logps
 
         if isinstance(model, PreTrainedModel):
@@ -123,7 +127,8 @@ class DPOMethod(Method):
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # (2B, T)
         stats = model(batch["input_ids"], labels, attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"), sequence_index=batch.get("sequence_index"),
-                      log_sum_sq_probs=self.config.use_weighting)  # each (2B, T-1), zero off the completion
+                      log_sum_sq_probs=self.config.use_weighting and metrics,
+                      metrics=metrics)  # each (2B, T-1), zero off the completion
         return sequence_logps(stats.logps, stats.mask, self.config.ld_alpha), stats
 
     def window(self, batches: list[dict[str, Tensor]]) -> Window:

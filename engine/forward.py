@@ -44,10 +44,12 @@ class LeanCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, log_sum_sq_probs: bool = False,
-                sequence_index: Tensor | None = None) -> TokenStats:
+                sequence_index: Tensor | None = None, metrics: bool = True) -> TokenStats:
         """Score `labels` (same shape as input_ids, -100 = not a target), shifting by one.
 
-        Returns entropy, mean logit and top-1 hits too (the metrics), and log Σp² when asked (WPO).
+        Returns entropy, mean logit and top-1 hits too (the metrics) unless `metrics=False` (a DPO reference
+        needs only the log-probs; each metric is another pass over every chunk's (k, V) logits), and log Σp²
+        when asked (WPO).
 
         Padding-free rows (several sequences in one row, `position_ids` restarting at 0 and no attention mask):
         transformers then masks attention block-diagonally (without a KV cache, hence `use_cache=False`); with
@@ -75,7 +77,8 @@ class LeanCausalLM(nn.Module):
         mask = targets != IGNORE_INDEX  # (B, T-1)
         if position_ids is not None:
             mask = mask & (position_ids[:, 1:] != 0)  # a sequence's first token: predicted by another sequence
-        wanted = ("entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if log_sum_sq_probs else ())
+        wanted = (("entropy", "mean_logits", "is_top1") if metrics else ()) + (
+            ("log_sum_sq_probs",) if log_sum_sq_probs else ())
         values = target_token_stats(hidden[mask], targets[mask], self._project, wanted=wanted)  # each (N,)
         stats = TokenStats(mask, **{name: scatter_to_positions(value, mask) for name, value in values.items()})
         return stats if sequence_index is None else unpack_sequences(stats, sequence_index, position_ids)

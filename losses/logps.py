@@ -4,7 +4,8 @@ The ONE place log p(label) is computed, for the engine and for the library alike
 - `target_token_stats(rows, targets, project)` scores N target positions: `project` turns a chunk of rows
   into logits (the engine passes decoder hidden states and its lean LM head, engine/forward.py, so the full
   (B, T, V) logits never exist); each chunk runs under activation checkpointing, so its logits and fp32
-  upcast are freed after the forward and recomputed in the backward.
+  upcast are freed after the forward and recomputed in the backward (the projection and log p only: the
+  metrics and the log-sum-exp are computed once, in the forward).
 - `token_stats(logits, labels)` is the same computation for logits already at hand (tests, notebooks).
 
 Alignment convention (used everywhere in `losses/`): `labels[b, t]` is the token that position `t` of
@@ -81,26 +82,65 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
+class _TargetLogProb(torch.autograd.Function):
+    """log p(target) = z_target − logsumexp(z) per row, and the log-sum-exp (reused as `known` when given).
+
+    The forward's log-sum-exp is passed back as `known` when activation checkpointing re-runs the chunk for
+    the backward, which spares that recomputation its max / exp / sum passes over the (k, V) logits. The
+    backward writes the softmax gradient once and adds the target's share in place:
+        dz = −g · exp(z − lse)  (torch's `logsumexp_backward`, same operations in the same order),
+        dz[target] += g        (what gather's backward adds, without its (k, V) zeros and the extra add),
+    so the gradient is torch autograd's to the bit (tests/test_head_work.py).
+
+    Shape:
+        z: (k, V); targets: (k,) in [0, V); known: (k,) or None; outputs: log p (k,), lse (k,) (no gradient)
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None):
+        lse = torch.logsumexp(z, dim=-1) if known is None else known.clone()
+        logps = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+        ctx.save_for_backward(z, targets, lse)
+        ctx.mark_non_differentiable(lse)
+        return logps, lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _lse_grad: torch.Tensor | None):
+        z, targets, lse = ctx.saved_tensors
+        # One (k, V) buffer, written in place: at V = 128k each fresh one is 0.5 GiB of page faults.
+        grad_z = torch.sub(z, lse.unsqueeze(-1)).exp_().mul_((-grad).unsqueeze(-1))  # (k, V)
+        grad_z.scatter_add_(1, targets.unsqueeze(1), grad.unsqueeze(1))
+        return grad_z, None, None
+
+
 def _chunk_stats(rows: torch.Tensor, targets: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None,
-                 wanted: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """log p(target) of k rows (differentiable) and the `wanted` detached statistics, each (k,)."""
+                 wanted: tuple[str, ...], memo: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(target) of k rows (differentiable), (k,). The first call (`memo` empty) stores in `memo` the chunk's
+    log-sum-exp ("lse") and the `wanted` detached statistics (each (k,), by name).
+
+    Under activation checkpointing the backward calls this again with the same, now filled, `memo`: the
+    recomputation then does only what the gradient needs (the projection back to the logits), no log-sum-exp
+    and no metric pass over the (k, V) logits.
+    """
+    recompute = "lse" in memo
     logits = rows if project is None else project(rows)  # (k, V) in the compute dtype
     z = logits.to(_compute_dtype(logits.dtype))  # (k, V): upcast, this chunk only
-    lse = torch.logsumexp(z, dim=-1)  # (k,)
-    logps = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse  # (k,); d/dz_v = 1[v = y] − p_v
-    extras = []
+    logps, lse = _TargetLogProb.apply(z, targets, memo.get("lse"))  # (k,), (k,); d/dz_v = 1[v = y] − p_v
+    if recompute:
+        return logps
+    memo["lse"] = lse.detach()
     with torch.no_grad():
         if "entropy" in wanted or "log_sum_sq_probs" in wanted:
             log_p = z - lse.unsqueeze(1)  # (k, V)
         if "entropy" in wanted:
-            extras.append(lse - (log_p.exp() * z).sum(-1))
+            memo["entropy"] = lse - (log_p.exp() * z).sum(-1)
         if "log_sum_sq_probs" in wanted:
-            extras.append(torch.logsumexp(2 * log_p, dim=-1))
+            memo["log_sum_sq_probs"] = torch.logsumexp(2 * log_p, dim=-1)
         if "mean_logits" in wanted:
-            extras.append(z.mean(-1))
+            memo["mean_logits"] = z.mean(-1)
         if "is_top1" in wanted:
-            extras.append(z.argmax(-1) == targets)
-    return (logps, *extras)
+            memo["is_top1"] = z.argmax(-1) == targets
+    return logps
 
 
 def target_token_stats(
@@ -137,10 +177,12 @@ def target_token_stats(
     size = chunk_rows or ROWS_PER_CHUNK
     outputs = []
     for chunk, chunk_targets in zip(rows.split(size), targets.split(size), strict=True):
+        memo: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
-            outputs.append(checkpoint(_chunk_stats, chunk, chunk_targets, project, wanted, use_reentrant=False))
+            logps = checkpoint(_chunk_stats, chunk, chunk_targets, project, wanted, memo, use_reentrant=False)
         else:
-            outputs.append(_chunk_stats(chunk, chunk_targets, project, wanted))
+            logps = _chunk_stats(chunk, chunk_targets, project, wanted, memo)
+        outputs.append((logps, *(memo[name] for name in wanted)))
     if not outputs:  # no target at all: keep the graph connected so backward still works
         empty = torch.zeros(0, device=rows.device, dtype=_compute_dtype(rows.dtype))
         values = {"logps": empty + rows.sum() * 0.0}
