@@ -2,7 +2,7 @@
 
 A resumed run replays exactly the micro-batches an uninterrupted one would see only if the prepared training set,
 the batch layout (per-device batch size, accumulation, number of processes), the sequence length, the seed and the
-data order's settings (--data_seed, --group_by_length) are the same. `ResumeFingerprint.of_run` records them; `differences` says in words what changed; `check_resume`
+data order's settings (--data_seed, --group_by_length) and the optimizer (--optim) are the same. `ResumeFingerprint.of_run` records them; `differences` says in words what changed; `check_resume`
 refuses unless the user passed `--ignore_resume_mismatch`, and then returns the warning the run prints.
 """
 
@@ -44,6 +44,7 @@ class ResumeFingerprint:
     # The data order's own settings (engine/data_order.py); defaults for checkpoints written before they were kept.
     data_seed: int | None = None
     group_by_length: bool = False
+    optim: str | None = None  # the optimizer whose state the checkpoint holds (None: not recorded)
 
     @classmethod
     def of_run(cls, examples: list[Mapping[str, Any]], config: Any, num_processes: int) -> ResumeFingerprint:
@@ -51,7 +52,7 @@ class ResumeFingerprint:
                    per_device_train_batch_size=config.per_device_train_batch_size,
                    gradient_accumulation_steps=config.gradient_accumulation_steps,
                    num_processes=num_processes, max_length=config.max_length, seed=config.seed,
-                   data_seed=config.data_seed, group_by_length=config.group_by_length)
+                   data_seed=config.data_seed, group_by_length=config.group_by_length, optim=config.optim)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,6 +74,7 @@ _WORDS = {
     "seed": "--seed",
     "data_seed": "--data_seed",
     "group_by_length": "--group_by_length",
+    "optim": "--optim",
 }
 
 
@@ -85,7 +87,7 @@ def differences(saved: ResumeFingerprint, current: ResumeFingerprint) -> list[st
         changed.append("the prepared training data changed" + sizes)
     for name, words in _WORDS.items():
         before, now = getattr(saved, name), getattr(current, name)
-        if before != now:
+        if before != now and not (name == "optim" and before is None):  # older checkpoints did not record it
             changed.append(f"{words} was {before}, now {now}")
     return changed
 

@@ -15,7 +15,7 @@ from engine.resume_fingerprint import ResumeFingerprint, check_resume, differenc
 EXAMPLES = [{"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1], "index": 0},
             {"input_ids": [4, 5], "completion_mask": [0, 1], "index": 1}]
 CONFIG = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_length=1024, seed=42,
-                         data_seed=None, group_by_length=False)
+                         data_seed=None, group_by_length=False, optim="adamw_torch_fused")
 CHECKPOINT = Path("out/checkpoint-10")
 
 
@@ -75,7 +75,15 @@ def test_a_changed_data_order_is_refused():
 
 
 def test_a_checkpoint_from_before_the_order_settings_were_kept_reads_as_their_defaults():
-    """A fingerprint saved without data_seed / group_by_length (older checkpoints) reads as None / False: what
-    those runs used, since the flags did not change the order then."""
-    saved = {k: v for k, v in _fingerprint().to_dict().items() if k not in ("data_seed", "group_by_length")}
-    assert ResumeFingerprint.from_dict(saved) == _fingerprint()
+    """A fingerprint saved without data_seed / group_by_length / optim (older checkpoints) reads as None / False /
+    None: what those runs used for the order, since the flags did not change it then; an unrecorded optimizer is
+    not compared."""
+    saved = {k: v for k, v in _fingerprint().to_dict().items() if k not in ("data_seed", "group_by_length", "optim")}
+    assert ResumeFingerprint.from_dict(saved) == _fingerprint(optim=None)
+    assert differences(ResumeFingerprint.from_dict(saved), _fingerprint()) == []  # an unrecorded --optim: not checked
+
+
+def test_another_optimizer_is_refused():
+    """The checkpoint holds the state of its optimizer (AdamW's moments, SGD's momentum): loaded into another one it
+    would be wrong or silently dropped, so a resume with another --optim is named like a changed batch size."""
+    assert differences(_fingerprint(), _fingerprint(optim="sgd")) == ["--optim was adamw_torch_fused, now sgd"]
