@@ -1,9 +1,10 @@
 """What makes a resume exact, recorded in each checkpoint and compared when resuming.
 
 A resumed run replays exactly the micro-batches an uninterrupted one would see only if the prepared training set,
-the batch layout (per-device batch size, accumulation, number of processes), the sequence length, the seed and the
-data order's settings (--data_seed, --group_by_length) and the optimizer (--optim) are the same. `ResumeFingerprint.of_run` records them; `differences` says in words what changed; `check_resume`
-refuses unless the user passed `--ignore_resume_mismatch`, and then returns the warning the run prints.
+the batch layout (per-device batch size, accumulation, number of processes), the sequence length, the seed, the
+data order's settings (--data_seed, --group_by_length) and the optimizer (--optim) are the same.
+`ResumeFingerprint.of_run` records them; `differences` says in words what changed; `check_resume` refuses unless
+the user passed `--ignore_resume_mismatch`, and then returns the warning the run prints.
 """
 
 from __future__ import annotations
