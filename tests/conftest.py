@@ -53,3 +53,10 @@ def tokenizer_dir(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tokenizer") / "saved"
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): one worker per core, at most 4. Each worker is a full Python with torch and
+    runs its own tiny trainings, some of them in subprocesses; more workers than cores only queue."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4))
