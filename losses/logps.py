@@ -132,10 +132,10 @@ def _chunk_stats(rows: torch.Tensor, targets: torch.Tensor, project: Callable[[t
     with torch.no_grad():
         if "entropy" in wanted or "log_sum_sq_probs" in wanted:
             log_p = z - lse.unsqueeze(1)  # (k, V)
-        if "entropy" in wanted:
-            memo["entropy"] = lse - (log_p.exp() * z).sum(-1)
         if "log_sum_sq_probs" in wanted:
             memo["log_sum_sq_probs"] = torch.logsumexp(2 * log_p, dim=-1)
+        if "entropy" in wanted:  # in place: log_p is spent, and a fresh (k, V) buffer costs its page faults
+            memo["entropy"] = lse - log_p.exp_().mul_(z).sum(-1)
         if "mean_logits" in wanted:
             memo["mean_logits"] = z.mean(-1)
         if "is_top1" in wanted:
