@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from engine.loop import train
 from engine.model import build_tiny_smollm3
 from engine.storage import StorageError
 from engine.tracking import read_metrics
+from tests.launch import free_port, one_launch_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 # What a finished run leaves at the top of output_dir; a failed or stopped run must leave none of them.
@@ -173,8 +173,15 @@ def launched(workspace):
     """Start every subprocess run now, in parallel; each test drives its own. Leftovers are killed at the end.
 
     The data-parallel run starts its 2 processes the way torch.distributed.run would (RANK, WORLD_SIZE,
-    MASTER_ADDR/PORT in the environment; accelerate reads them), without a launcher process of its own.
+    MASTER_ADDR/PORT in the environment; accelerate reads them), without a launcher process of its own. The runs
+    hold the multi-process launch lock (tests/launch.py) while they live.
     """
+    with one_launch_at_a_time():
+        yield from _launch_runs(workspace)
+
+
+def _launch_runs(workspace):
+    """Start the runs of `RUNS`, yield them by name, kill what is left of them afterwards."""
     runs = {}
     for name, (flags, extra_env) in RUNS.items():
         out, marks = workspace / name, workspace / f"{name}-marks"
@@ -184,7 +191,7 @@ def launched(workspace):
         ranks = 2 if "ddp" in name else 1
         if ranks > 1:
             env.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(_free_port()))
+                       MASTER_PORT=str(free_port()))
         processes = [
             subprocess.Popen([sys.executable, str(workspace / "wrapper.py"), *flags(workspace, out)], cwd=workspace,
                              env={**env, **({"RANK": str(r), "LOCAL_RANK": str(r)} if ranks > 1 else {})},
@@ -195,12 +202,6 @@ def launched(workspace):
     yield runs
     for run in runs.values():
         run.kill()  # only those a test failed to end (or that were deselected)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +55,7 @@ from safetensors.torch import load_file
 
 from engine.config import parse_config
 from engine.loop import micro_batches_of_epoch, train
+from tests.launch import free_port, one_launch_at_a_time
 from tests.trl_harness import make_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +64,7 @@ BETA = 0.1
 MAX_STEPS = 3
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 LAUNCH_TIMEOUT_S = 300
+FREE_PORT = "<free port>"  # in a launcher command: replaced by `free_port()` once the launch lock is held
 
 
 # ---------------------------------------------------------------------- assets
@@ -107,20 +108,16 @@ def _flags(assets: dict[str, Path], method: str, output_dir: Path, batch: int, a
     return flags + ["--dataset_name", str(assets["dpo"]), "--eval_steps", "0", "--beta", str(BETA)]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_launcher(launcher: list[str], script: Path, flags: list[str],
                   extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m <launcher> <script> <flags>` in its own process group, killed whole if it outlives the limit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO), **(extra_env or {})}
-    command = [sys.executable, "-m", *launcher, str(script), *flags]
-    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
+    with one_launch_at_a_time():
+        port = str(free_port())  # chosen under the lock, right before the launcher binds it
+        command = [sys.executable, "-m", *(port if arg == FREE_PORT else arg for arg in launcher), str(script), *flags]
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True)
         try:
             stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -140,11 +137,11 @@ def _launch(launcher: list[str], flags: list[str], script: Path = REPO / "train.
 
 def _accelerate(num_processes: int, config_file: str = "ddp_cpu.yaml") -> list[str]:
     return ["accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate" / config_file),
-            "--num_processes", str(num_processes), "--main_process_port", str(_free_port())]
+            "--num_processes", str(num_processes), "--main_process_port", FREE_PORT]
 
 
 def _torchrun(num_processes: int) -> list[str]:
-    return ["torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_port", str(_free_port())]
+    return ["torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_port", FREE_PORT]
 
 
 def _metrics(output_dir: Path) -> list[dict]:

@@ -17,6 +17,7 @@ import pytest
 
 from engine.errors import UserError
 from engine.run_lock import LOCK_FILE, RunLock
+from tests.launch import free_port, one_launch_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -111,19 +112,13 @@ except UserError as error:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_with_two_processes_only_the_main_one_takes_the_lock_and_both_stop_alike(tmp_path):
     script = tmp_path / "two.py"
     script.write_text(_TWO_PROCESSES)
     output_dir = tmp_path / "out"
-    with RunLock(output_dir, command="first run"):
+    with one_launch_at_a_time(), RunLock(output_dir, command="first run"):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(_free_port()), str(script), str(output_dir)],
+                               "--master_port", str(free_port()), str(script), str(output_dir)],
                               env=ENV, capture_output=True, text=True, timeout=300)
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
     expected = (f"error: another run is writing to {output_dir}: pid {os.getpid()} on {socket.gethostname()}, "
