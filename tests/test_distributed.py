@@ -116,15 +116,15 @@ def _run_launcher(launcher: list[str], script: Path, flags: list[str],
     with one_launch_at_a_time():
         port = str(free_port())  # chosen under the lock, right before the launcher binds it
         command = [sys.executable, "-m", *(port if arg == FREE_PORT else arg for arg in launcher), str(script), *flags]
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
-        try:
-            stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher and the training processes it started
-            stdout, stderr = process.communicate()
-            pytest.fail(f"launch still running after {LAUNCH_TIMEOUT_S}s (a hang in a collective?):\n"
-                        f"{stdout[-2000:]}\n{stderr[-4000:]}")
+        with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)  # the launcher and the training processes it started
+                stdout, stderr = process.communicate()
+                pytest.fail(f"launch still running after {LAUNCH_TIMEOUT_S}s (a hang in a collective?):\n"
+                            f"{stdout[-2000:]}\n{stderr[-4000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
